@@ -1,0 +1,294 @@
+"""Where documents come from: named datasets, files, directories and globs, streamed one document at a time.
+
+Formats, by file name (each optionally compressed as ``.gz``, ``.xz``, ``.bz2`` or ``.zst``):
+
+- ``.txt`` (and ``.md``, ``.py``, ``.text``): one document per file, or one per blank-line separated paragraph
+  (``--data.text_docs``: ``auto`` splits a single file into paragraphs and treats several files as one document
+  each);
+- ``.jsonl``: one JSON object per line with a ``text`` string field;
+- ``.parquet``: a ``text`` column (needs ``pyarrow``);
+- a directory saved by Hugging Face ``datasets`` (``save_to_disk``), with a ``text`` column (needs ``datasets``).
+
+A directory is searched recursively for those files. In a directory whose files are named ``train*`` and
+``val*`` (or ``valid*``/``test*``), the ``val`` files become the validation set.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import sysconfig
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from lmsprint.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".py"}
+COMPRESSED = {".gz", ".xz", ".bz2", ".zst"}
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+NAMED = ("stdlib", "tinyshakespeare")
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("LMSPRINT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmsprint"
+
+
+@dataclass
+class Source:
+    """A resolved corpus: the files (or one datasets directory) to read, and how .txt files split."""
+
+    name: str
+    files: list[Path]
+    text_docs: str  # "file" or "paragraph" (resolved from "auto")
+    hf_dataset: Path | None = None
+
+    def fingerprint(self) -> str:
+        """Changes when the files change (paths, sizes, modification times): keys the prepared-data cache."""
+        h = hashlib.sha256(self.text_docs.encode())
+        for p in self.files + ([self.hf_dataset] if self.hf_dataset else []):
+            st = p.stat()
+            h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+def _kind(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    if not suffixes:
+        return None
+    if suffixes[-1] in TEXT_SUFFIXES:
+        return "text"
+    if suffixes[-1] in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffixes[-1] == ".parquet":
+        return "parquet"
+    return None
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
+                              or (path / "dataset_dict.json").exists())
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard library sources (tests, IDLE and site-packages left out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    files = [p for p in sorted(root.rglob("*.py")) if not skip.intersection(p.relative_to(root).parts)]
+    if not files:
+        raise DataError(f"no Python standard library sources found under {root}; pass a corpus path instead")
+    return files
+
+
+def tinyshakespeare(cache_dir: str | None = None) -> Path:
+    """The tinyshakespeare text, downloaded once (checksum verified) into the cache."""
+    path = cache_root(cache_dir) / "downloads" / "tinyshakespeare.txt"
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == TINYSHAKESPEARE_SHA256:
+        return path
+    try:
+        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=20) as r:
+            data = r.read()
+    except OSError as e:
+        raise DataError(f"could not download tinyshakespeare ({e.__class__.__name__}: {e}); offline? download "
+                        f"{TINYSHAKESPEARE_URL} elsewhere and pass its path as the data source, or save it as "
+                        f"{path}") from None
+    if hashlib.sha256(data).hexdigest() != TINYSHAKESPEARE_SHA256:
+        raise DataError(f"downloaded tinyshakespeare has the wrong checksum; save a good copy as {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve(spec: str, *, text_docs: str = "auto", cache_dir: str | None = None) -> tuple[Source, Source | None]:
+    """Resolve a data spec to a training source and, for train/val directories, a validation source."""
+    if spec == "stdlib":
+        return Source("stdlib", stdlib_files(), "file" if text_docs == "auto" else text_docs), None
+    if spec == "tinyshakespeare":
+        path = tinyshakespeare(cache_dir)
+        return Source("tinyshakespeare", [path], "paragraph" if text_docs == "auto" else text_docs), None
+    path = Path(spec).expanduser()
+    if _is_hf_dataset(path):
+        return Source(path.name, [], text_docs, hf_dataset=path), None
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+        if not files:
+            raise DataError(f"{path} holds no .txt, .jsonl or .parquet files (optionally .gz/.xz/.bz2/.zst)")
+    elif path.is_file():
+        if _kind(path) is None:
+            raise DataError(f"{path}: unsupported file type; use .txt, .jsonl or .parquet (optionally compressed)")
+        files = [path]
+    elif any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                       if Path(p).is_file() and _kind(Path(p)) is not None)
+        if not files:
+            raise DataError(f"the pattern {spec!r} matches no .txt, .jsonl or .parquet files")
+    else:
+        raise DataError(f"data source {spec!r} not found; pass a file, directory or glob, or one of: "
+                        f"{', '.join(NAMED)}")
+    mode = text_docs if text_docs != "auto" else ("paragraph" if len(files) == 1 else "file")
+    name = path.stem.split(".")[0] if path.is_file() else path.name or "data"
+    train = [f for f in files if f.name.lower().startswith("train")]
+    val = [f for f in files if f.name.lower().startswith(("val", "valid", "test"))]
+    if path.is_dir() and train and val:
+        return Source(name, train, mode), Source(name + "-val", val, mode)
+    return Source(name, files, mode), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _open_binary(path: Path, raw: IO[bytes]) -> IO[bytes]:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if suffix == ".xz":
+        return lzma.LZMAFile(raw, "rb")
+    if suffix == ".bz2":
+        return bz2.BZ2File(raw, "rb")
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
+        return zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[return-value]
+    return raw
+
+
+ProgressFn = Callable[[int], None]
+
+
+def _text_lines(path: Path, progress: ProgressFn | None = None) -> Iterator[str]:
+    """Lines of a (possibly compressed) UTF-8 file, with clear errors for binary and non-UTF-8 input.
+
+    ``progress`` is called now and then with the number of (compressed) file bytes read since the last call."""
+    raw = open(path, "rb")
+    done = 0
+    try:
+        with io.TextIOWrapper(_open_binary(path, raw), encoding="utf-8", errors="strict", newline=None) as f:
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, start=1):  # noqa: B007
+                    if progress is not None and lineno % 256 == 0:
+                        pos = raw.tell()
+                        progress(pos - done)
+                        done = pos
+                    if "\0" in line:
+                        raise DataError(f"{path} looks binary (NUL byte on line {lineno}); pass text files only")
+                    yield line
+            except UnicodeDecodeError as e:
+                if b"\0" in e.object:
+                    raise DataError(f"{path} looks binary (NUL bytes); pass text files only") from None
+                raise DataError(f"{path} is not UTF-8 text (near line {lineno + 1}: {e.reason}); convert it, e.g. "
+                                "`iconv -f latin1 -t utf-8`") from None
+            except (EOFError, OSError, lzma.LZMAError) as e:
+                raise DataError(f"{path} is corrupt or truncated ({e}); re-download or remove it") from None
+    finally:
+        if progress is not None:
+            progress(os.path.getsize(path) - done)
+        raw.close()
+
+
+def _docs_from_text(path: Path, mode: str, progress: ProgressFn | None) -> Iterator[str]:
+    if mode == "file":
+        text = "".join(_text_lines(path, progress)).strip()
+        if text:
+            yield text
+        return
+    para: list[str] = []
+    for line in _text_lines(path, progress):
+        if line.strip():
+            para.append(line)
+        elif para:
+            yield "".join(para).strip("\n")
+            para = []
+    if para:
+        yield "".join(para).strip("\n")
+
+
+def _docs_from_jsonl(path: Path, progress: ProgressFn | None) -> Iterator[str]:
+    for lineno, line in enumerate(_text_lines(path, progress), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} line {lineno} is not valid JSON; each line must be one JSON object") from None
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path} line {lineno} has no 'text' string field; each line must look like "
+                            '{"text": "..."}')
+        if text.strip():
+            yield text
+
+
+def _docs_from_parquet(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable parquet file ({e})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _docs_from_hf(path: Path) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a Hugging Face datasets directory; reading it needs: pip install datasets") \
+            from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path} holds splits {list(ds)}; point at one split's directory")
+        ds = ds["train"]
+    if "text" not in ds.column_names:
+        raise DataError(f"{path} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    for batch in ds.iter(batch_size=1024):
+        for text in batch["text"]:
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def iter_documents(source: Source, progress: ProgressFn | None = None) -> Iterator[str]:
+    """Yield document texts, streaming file by file; ``progress`` receives file bytes read as they are read."""
+    if source.hf_dataset is not None:
+        yield from _docs_from_hf(source.hf_dataset)
+        return
+    for path in source.files:
+        kind = _kind(path)
+        if kind == "text":
+            yield from _docs_from_text(path, source.text_docs, progress)
+        elif kind == "jsonl":
+            yield from _docs_from_jsonl(path, progress)
+        else:
+            yield from _docs_from_parquet(path)
+            if progress is not None:
+                progress(path.stat().st_size)

@@ -1,0 +1,144 @@
+"""The GPT model: token (+ optional learned position) embeddings, pre-norm blocks, final norm, output head."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmsprint.model.layers import Block, GPTConfig, Norm, document_mask
+
+IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer with GPT-2 parameter names (``transformer.wte``, ``transformer.h.N``, ``lm_head``).
+
+    Build, then call :meth:`init_weights` (construction leaves default torch init, as torchtitan does).
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        modules: dict[str, nn.Module] = {"wte": nn.Embedding(cfg.padded_vocab, cfg.n_embd)}
+        if cfg.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        modules["h"] = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        modules["ln_f"] = Norm(cfg.n_embd, cfg.norm)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.use_flex = False  # document masks through FlexAttention (set by the trainer on CUDA)
+        self._head_fn: Callable[..., Tensor] = self._head
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 init: N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 n_layer)."""
+        cfg = self.config
+        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        proj_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                nn.init.ones_(p)  # norm gains
+            elif name.endswith("c_proj.weight"):
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=proj_std, generator=gen)
+            else:
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std, generator=gen)
+
+    def compile_blocks(self, **kwargs: object) -> None:
+        """torch.compile each block and the loss head separately: one block graph is reused by every layer,
+        so compile time does not grow with depth."""
+        for block in self.transformer.h:
+            block.compile(**kwargs)
+        self._head_fn = torch.compile(self._head, **kwargs)
+
+    def num_params(self, *, matmul_only: bool = False) -> int:
+        """All parameters (tied ones once), or only those that take part in matmuls (FLOP counting)."""
+        if matmul_only:
+            return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, as nanoGPT's estimate_mfu: 6N + 12 * layers * width * seq_len.
+
+        N counts matmul weights (blocks and head; an untied input embedding is a lookup, not a matmul)."""
+        cfg = self.config
+        return 6 * self.num_params(matmul_only=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def _head(self, x: Tensor, targets: Tensor, reduction: str) -> Tensor:
+        logits = self._logits(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        logits = self.lm_head(self.transformer.ln_f(x)).float()
+        cap = self.config.logit_softcap
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        pos: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        reduction: str = "mean",
+    ) -> Tensor:
+        """Loss if ``targets`` is given (mean, or sum over non-ignored targets), else logits (B, T, vocab).
+
+        Args:
+            idx: (B, T) token ids.
+            targets: (B, T) next-token ids; ``IGNORE_INDEX`` marks padding.
+            pos: (B, T) positions (restarting at each document); default 0..T-1.
+            doc_ids: (B, T) sequence ids; tokens attend only to earlier tokens with the same id.
+            reduction: "mean" or "sum" of the per-token losses.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.block_size} positions")
+        mask = None if doc_ids is None else document_mask(doc_ids, use_flex=self.use_flex)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+        for block in self.transformer.h:
+            x = block(x, pos, mask)
+        if targets is None:
+            return self._logits(x)[..., : self.config.vocab_size]
+        return self._head_fn(x, targets, reduction)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_token: int | None = None,
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` continuations of ``idx`` (B, T), recomputing over the last block_size tokens."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.block_size :]
+            logits = self(ctx)[:, -1, :]  # (B, vocab)
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+            if stop_token is not None and bool((nxt == stop_token).all()):
+                break
+        return idx

@@ -1,0 +1,174 @@
+"""Transformer layers: norms, rotary embeddings, attention with optional document masks, MLPs, the block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The resolved shape of a model: everything needed to rebuild it from a checkpoint."""
+
+    vocab_size: int  # the tokenizer's vocabulary (before padding)
+    block_size: int  # maximum sequence length / number of positions
+    n_layer: int
+    n_head: int
+    n_embd: int
+    mlp_hidden: int
+    pos_emb: Literal["rope", "learned"] = "rope"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "swiglu"
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    logit_softcap: float = 0.0
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    zero_init_proj: bool = False
+    vocab_multiple: int = 64
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm (no bias), with a learnable gain."""
+
+    def __init__(self, dim: int, kind: str, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.kind = kind
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.layer_norm(x, (x.size(-1),), self.weight, None, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021), rotate-half layout as in GPT-NeoX / Llama."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        # not persistent: derived from the config, so checkpoints stay free of it
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: Tensor, pos: Tensor | None) -> Tensor:
+        # x: (B, T, nh, hd); pos: (B, T) positions, or None for 0..T-1
+        T = x.size(1)
+        if pos is None:
+            cos, sin = self.cos[:T][None, :, None, :], self.sin[:T][None, :, None, :]  # (1, T, 1, hd/2)
+        else:
+            cos, sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]  # (B, T, 1, hd/2)
+        cos, sin = cos.float(), sin.float()  # stay fp32 even when the model was cast to bf16
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.type_as(x)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def document_mask(doc_ids: Tensor, *, use_flex: bool) -> object:
+    """The attention mask for rows made of several sequences: causal, and only within the same id.
+
+    ``doc_ids`` is (B, T) with one id per token; tokens of different ids never attend to each other. On the
+    flex path this is a FlexAttention ``BlockMask`` (blocks that are fully masked are skipped, so short
+    sequences really cost less); otherwise a dense (B, 1, T, T) boolean mask for SDPA.
+    """
+    B, T = doc_ids.shape
+    if use_flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+        return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]  # (B, 1, T, T)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
+        self.qk_norm = cfg.qk_norm
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_base) if cfg.pos_emb == "rope" else None
+
+    def forward(self, x: Tensor, pos: Tensor | None, mask: object | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hd)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        # swiglu: gate and up projections fused into one matmul
+        width = 2 * cfg.mlp_hidden if cfg.mlp == "swiglu" else cfg.mlp_hidden
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=False)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = Norm(cfg.n_embd, cfg.norm)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = Norm(cfg.n_embd, cfg.norm)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, pos: Tensor | None = None, mask: object | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, mask)
+        return x + self.mlp(self.ln_2(x))

@@ -1,0 +1,49 @@
+"""Figures: a run's loss curves. matplotlib is imported inside the functions (Agg backend, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmsprint.train.metrics import read_metrics
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw train/val loss and the learning rate against steps to ``RUN/loss.png``."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1, alpha=0.8)
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss", ms=3)
+    for r in records:
+        if r["kind"] == "event" and r.get("event") == "rollback":
+            ax.axvline(r["step"], color="red", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    if train and any("lr" in r for r in train):
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", ls="--", lw=1, label="lr")
+        ax2.set_ylabel("learning rate")
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    else:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    out = out or run_dir / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

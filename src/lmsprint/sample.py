@@ -1,0 +1,39 @@
+"""Load a trained model from a run (or checkpoint) directory and generate text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
+from lmsprint.errors import CheckpointError
+from lmsprint.model import GPT, GPTConfig
+from lmsprint.train import checkpoint as ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, TextTokenizer, Path]:
+    """(model in eval mode, tokenizer, checkpoint dir) from a run directory or a checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a run directory (runs/NAME) or a checkpoint")
+    found = ckpt.find_weights(path)
+    meta, weights, _ = ckpt.load_checkpoint(found)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    ckpt.load_model_state(model, weights)
+    run_dir = found.parent.parent
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.exists():
+        raise CheckpointError(f"{run_dir} has no tokenizer.json; the run directory is incomplete")
+    return model.to(device).eval(), load_tokenizer(tok_path), found
+
+
+def sample(path: str | Path, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int | None = 50, seed: int = 0, num_samples: int = 1, device: str = "cpu") -> list[str]:
+    """Generate ``num_samples`` continuations of ``prompt`` (an empty prompt starts a new document)."""
+    model, tok, _ = load_model(path, device)
+    ids = [tok.eot_id] + tok.encode(prompt)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    return [tok.decode(row[1:].tolist()).split(tok.eot_token)[0] for row in out]

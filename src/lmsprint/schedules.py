@@ -1,0 +1,476 @@
+"""Schedules: pure functions of the step, wrapped as torch schedulers.
+
+Every schedule here is a plain function ``step -> multiplier`` (or ``step -> value``); the torch objects that
+drive an optimizer with it (:class:`LRSchedule`, :class:`GroupSchedule`) save only their step, and the function
+is rebuilt from the config on resume.
+
+Step convention (torch's): "step ``s``" is the value after ``s`` calls of ``scheduler.step()``. The optimizer
+update number ``i`` (0-based) of a run therefore uses the multiplier at step ``i``; a ``total``-step run uses
+steps ``0 .. total - 1`` and the scheduler reports the floor, exactly, after its ``total``-th ``step()`` (step
+``total``). This is what ``SequentialLR([LinearLR(...), CosineAnnealingLR(T_max=total - warmup)])`` does, and
+the lr curves here match torch's own schedulers at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from lmsprint.config import ScheduleConfig
+from lmsprint.errors import ConfigError
+
+SHAPES = ("cosine", "sqrt", "linear", "constant", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+COMPARE_SHAPES = ("cosine", "sqrt", "linear", "wsd")  # drawn by ``lmsprint schedule --compare``
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure functions of the step
+
+
+def decay_remaining(t: int, T: int, shape: str) -> float:
+    """How much of the way from the floor to the peak is left after ``t`` of ``T`` decay steps.
+
+    Args:
+        t: Steps into the decay (0 = its start).
+        T: Length of the decay in steps (> 0).
+        shape: ``cosine`` (``(1 + cos(pi t/T)) / 2``), ``sqrt`` (``sqrt((T - t)/T)``) or ``linear``
+            (``(T - t)/T``).
+
+    Returns:
+        1.0 at ``t <= 0``, 0.0 (exactly) at ``t >= T``.
+    """
+    if t <= 0:
+        return 1.0
+    if t >= T:
+        return 0.0
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t / T))
+    if shape == "sqrt":
+        return math.sqrt((T - t) / T)
+    if shape == "linear":
+        return (T - t) / T
+    raise ValueError(f"unknown decay shape {shape!r}; choose from {', '.join(DECAY_SHAPES)}")
+
+
+def cooldown_steps(total: int, decay_fraction: float) -> int:
+    """Length of the wsd cool-down: ``decay_fraction x total`` rounded to the nearest step, at least 1."""
+    return max(1, round(decay_fraction * total))
+
+
+def lr_multiplier(
+    step: int,
+    *,
+    total: int,
+    warmup: int,
+    shape: str,
+    start_factor: float = 0.1,
+    min_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "linear",
+) -> float:
+    """The learning rate at ``step`` as a multiple of the peak.
+
+    Linear warm-up from ``start_factor`` at step 0 to 1.0 at step ``warmup`` (torch's ``LinearLR``), then, with
+    ``t = step - warmup`` and ``T = total - warmup``, a decay to ``min_ratio`` that lands on it exactly at step
+    ``total`` and stays there: cosine ``m + (1-m)(1 + cos(pi t/T))/2``, sqrt ``m + (1-m) sqrt((T-t)/T)``, linear
+    ``m + (1-m)(T-t)/T``, constant 1.0 (its floor is the peak), wsd 1.0 until the cool-down, which takes the last
+    ``cooldown_steps(total, decay_fraction)`` steps and falls to ``min_ratio`` with ``decay_shape``.
+
+    Args:
+        step: Scheduler steps taken so far (>= 0); optimizer update ``i`` uses step ``i``.
+        total: Steps of the run (the floor is reached at this step).
+        warmup: Warm-up steps (0 = start at the peak).
+        shape: One of ``cosine``, ``sqrt``, ``linear``, ``constant``, ``wsd``.
+        start_factor: Multiplier at step 0 of the warm-up.
+        min_ratio: Floor as a fraction of the peak.
+        decay_fraction: wsd: fraction of the run spent cooling down.
+        decay_shape: wsd: ``linear``, ``cosine`` or ``sqrt`` cool-down.
+
+    Returns:
+        The multiplier of the peak learning rate.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup:
+        return start_factor + (1.0 - start_factor) * step / warmup
+    if shape == "constant":
+        return 1.0
+    if shape == "wsd":
+        cooldown = cooldown_steps(total, decay_fraction)
+        left = decay_remaining(step - (total - cooldown), cooldown, decay_shape)
+    elif shape in DECAY_SHAPES:
+        left = decay_remaining(step - warmup, total - warmup, shape)
+    else:
+        raise ValueError(f"unknown schedule {shape!r}; choose from {', '.join(SHAPES)}")
+    return min_ratio + (1.0 - min_ratio) * left
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A resolved learning-rate schedule: call it with a step to get the multiplier of the peak lr.
+
+    Build it with :func:`resolve_schedule`, which validates the settings; the fields are those of
+    :func:`lr_multiplier`.
+    """
+
+    shape: str
+    total: int
+    warmup: int
+    start_factor: float
+    min_ratio: float
+    decay_fraction: float
+    decay_shape: str
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(
+            step,
+            total=self.total,
+            warmup=self.warmup,
+            shape=self.shape,
+            start_factor=self.start_factor,
+            min_ratio=self.min_ratio,
+            decay_fraction=self.decay_fraction,
+            decay_shape=self.decay_shape,
+        )
+
+    @property
+    def floor(self) -> float:
+        """Multiplier reached at step ``total``: ``min_ratio``, or 1.0 for the constant schedule."""
+        return 1.0 if self.shape == "constant" else self.min_ratio
+
+    @property
+    def decay_start(self) -> int:
+        """First step of the decay: the end of the warm-up, or of the stable phase for wsd."""
+        if self.shape == "wsd":
+            return self.total - cooldown_steps(self.total, self.decay_fraction)
+        return self.warmup
+
+
+def resolve_schedule(cfg: ScheduleConfig, *, total_steps: int, peak_lr: float) -> Schedule:
+    """Turn the ``[schedule]`` config into a :class:`Schedule`, checking that it fits the run.
+
+    Args:
+        cfg: The schedule section of the run config.
+        total_steps: Optimizer steps of the run.
+        peak_lr: Peak learning rate (``--optim.lr``), used to turn an absolute ``min_lr`` into a ratio.
+
+    Returns:
+        The schedule as a function of the step.
+
+    Raises:
+        ConfigError: A setting is out of range or does not fit in ``total_steps``; the message names the flag.
+    """
+    if cfg.name not in SHAPES:
+        raise ConfigError(f"--schedule.name: unknown schedule {cfg.name!r}; choose from {', '.join(SHAPES)}")
+    if cfg.decay_shape not in DECAY_SHAPES:
+        raise ConfigError(f"--schedule.decay_shape: unknown shape {cfg.decay_shape!r}; choose from "
+                          f"{', '.join(DECAY_SHAPES)}")
+    if total_steps <= 0:
+        raise ConfigError(f"--train.steps={total_steps}: the run must have at least one step")
+    if not (peak_lr > 0 and math.isfinite(peak_lr)):
+        raise ConfigError(f"--optim.lr={peak_lr} must be a positive number")
+
+    if cfg.warmup_steps is not None:
+        warmup, flag = cfg.warmup_steps, f"--schedule.warmup_steps={cfg.warmup_steps}"
+        if warmup < 0:
+            raise ConfigError(f"{flag} is negative; use 0 for no warm-up")
+    else:
+        if not 0.0 <= cfg.warmup_fraction < 1.0:
+            raise ConfigError(f"--schedule.warmup_fraction={cfg.warmup_fraction} must be in [0, 1)")
+        warmup = round(cfg.warmup_fraction * total_steps)
+        flag = f"--schedule.warmup_fraction={cfg.warmup_fraction} ({warmup} steps)"
+    if warmup >= total_steps:
+        what = "is longer than" if warmup > total_steps else "is as long as"
+        raise ConfigError(f"{flag} {what} the run ({total_steps} steps); shorten the warm-up or train longer")
+    if not 0.0 < cfg.start_factor <= 1.0:
+        raise ConfigError(f"--schedule.start_factor={cfg.start_factor} must be in (0, 1]")
+
+    if cfg.min_lr is not None:
+        if cfg.min_lr < 0:
+            raise ConfigError(f"--schedule.min_lr={cfg.min_lr} is negative; use 0 to decay to zero")
+        if cfg.min_lr > peak_lr:
+            raise ConfigError(f"--schedule.min_lr={cfg.min_lr} is above the peak --optim.lr={peak_lr}; "
+                              "set a floor at most the peak")
+        min_ratio = cfg.min_lr / peak_lr
+    else:
+        if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--schedule.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1] (a fraction of the "
+                              "peak lr)")
+        min_ratio = cfg.min_lr_ratio
+
+    if cfg.name == "wsd":
+        if not 0.0 < cfg.decay_fraction <= 1.0:
+            raise ConfigError(f"--schedule.decay_fraction={cfg.decay_fraction} must be in (0, 1]")
+        cooldown = cooldown_steps(total_steps, cfg.decay_fraction)
+        if total_steps - cooldown < warmup:
+            most = (total_steps - warmup) / total_steps
+            raise ConfigError(f"--schedule.decay_fraction={cfg.decay_fraction} makes the {cooldown}-step cool-down "
+                              f"overlap the {warmup}-step warm-up; use a decay_fraction of at most {most:.3g} "
+                              "or a shorter warm-up")
+
+    return Schedule(
+        shape=cfg.name,
+        total=total_steps,
+        warmup=warmup,
+        start_factor=cfg.start_factor,
+        min_ratio=min_ratio,
+        decay_fraction=cfg.decay_fraction,
+        decay_shape=cfg.decay_shape,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch wrappers
+
+
+class LRSchedule(LRScheduler):
+    """Drives an optimizer's learning rates with a function of the step.
+
+    Each param group's lr is its own ``initial_lr`` (its peak, recorded when the scheduler is created and saved
+    with the optimizer's state) times ``fn(step)``, so groups with different peaks keep their ratios. The state
+    dict holds only the step; ``fn`` is rebuilt from the config on resume.
+
+    Args:
+        optimizer: Any optimizer, with any number of param groups.
+        fn: Multiplier of the peak lr as a function of the step (e.g. a :class:`Schedule`).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float]) -> None:
+        self.fn = fn
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        m = self.fn(self.last_epoch)
+        # initial_lr rather than base_lrs: it travels with the optimizer's state dict, so a resumed run uses
+        # the saved peaks whichever of optimizer / scheduler is loaded first.
+        return [group["initial_lr"] * m for group in self.optimizer.param_groups]
+
+    _get_closed_form_lr = get_lr  # the schedule is closed-form already (used by step(epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step: ``{"last_epoch": n}``."""
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Jump to the saved step and set every group's lr for it."""
+        self.last_epoch = int(state_dict["last_epoch"])
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                         for g in self.optimizer.param_groups]
+
+
+class GroupSchedule:
+    """Sets ``group[key] = fn(step)`` on an optimizer's param groups, like an lr scheduler for another knob.
+
+    Used for Muon's momentum warm-up (key ``"momentum"``, :func:`muon_momentum`) and AdEMAMix's ``"alpha"`` /
+    ``"beta3"`` warm-ups. Only the groups that have ``key`` are touched. Step it once after every optimizer
+    step, like the lr scheduler; the state dict holds only the step.
+
+    Args:
+        optimizer: The optimizer whose groups to set.
+        key: Param-group entry to schedule.
+        fn: Value as a function of the step, e.g. ``functools.partial(muon_momentum, momentum=0.95, warmup=300)``.
+
+    Raises:
+        ValueError: No param group has ``key``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, key: str, fn: Callable[[int], float]) -> None:
+        if not any(key in g for g in optimizer.param_groups):
+            raise ValueError(f"no param group of {type(optimizer).__name__} has a {key!r} entry to schedule")
+        self.optimizer, self.key, self.fn = optimizer, key, fn
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        value = self.fn(self.last_epoch)
+        # looked up every time: optimizer.load_state_dict replaces the group dicts
+        for group in (g for g in self.optimizer.param_groups if self.key in g):
+            if isinstance(group[self.key], torch.Tensor):
+                group[self.key].fill_(value)  # keep a tensor hyperparameter a tensor (capturable / fused paths)
+            else:
+                group[self.key] = value
+
+    def step(self) -> None:
+        """Advance one step and set the new value."""
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_value(self) -> float:
+        """The value set at the current step."""
+        return self.fn(self.last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step: ``{"last_epoch": n}``."""
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Jump to the saved step and set the value for it."""
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._apply()
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, total_steps: int, peak_lr: float
+) -> LRSchedule:
+    """The learning-rate scheduler of a run.
+
+    Args:
+        optimizer: The run's optimizer; each group's current lr is taken as its peak.
+        cfg: The schedule section of the run config.
+        total_steps: Optimizer steps of the run.
+        peak_lr: ``--optim.lr``, the peak of the main group (turns an absolute ``min_lr`` into a ratio that
+            then applies to every group).
+
+    Returns:
+        A scheduler to ``step()`` once after every optimizer step.
+
+    Raises:
+        ConfigError: See :func:`resolve_schedule`.
+    """
+    return LRSchedule(optimizer, resolve_schedule(cfg, total_steps=total_steps, peak_lr=peak_lr))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedules kept by the optimizers (AdEMAMix, Muon)
+
+
+def ademamix_alpha(step: int, *, alpha: float, warmup: int) -> float:
+    """AdEMAMix's linear alpha warm-up: ``min(step * alpha / warmup, alpha)`` (Pagliardini et al. 2024, Alg. 1)."""
+    if warmup <= 0:
+        return alpha
+    return min(step * alpha / warmup, alpha)
+
+
+def ademamix_beta3(step: int, *, beta1: float, beta3: float, warmup: int) -> float:
+    """AdEMAMix's beta3 warm-up, linear in the EMA half-life between beta1 and beta3 (paper, Eq. 3 / Alg. 1)."""
+    if warmup <= 0:
+        return beta3
+    frac = min(step / warmup, 1.0)
+    log_b1, log_b3 = math.log(beta1), math.log(beta3)
+    return min(math.exp(log_b1 * log_b3 / ((1.0 - frac) * log_b3 + frac * log_b1)), beta3)
+
+
+def muon_momentum(step: int, *, momentum: float, warmup: int, start: float = 0.85) -> float:
+    """Muon's momentum warm-up (modded-nanogpt): linear from ``start`` to ``momentum`` over ``warmup`` steps."""
+    if warmup <= 0:
+        return momentum
+    frac = min(step / warmup, 1.0)
+    return (1.0 - frac) * start + frac * momentum
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `lmsprint schedule`
+
+
+def _default_steps(s: Schedule) -> list[int]:
+    return sorted({0, s.warmup, s.decay_start, (s.decay_start + s.total) // 2, s.total - 1, s.total})
+
+
+def schedule_report(
+    cfg: ScheduleConfig,
+    *,
+    peak_lr: float,
+    total_steps: int,
+    at_steps: list[int] | None = None,
+    png: Path | None = None,
+    compare: bool = False,
+) -> str:
+    """What ``lmsprint schedule`` prints: the lr at chosen steps, and optionally a plot of the whole run.
+
+    Args:
+        cfg: The schedule section of the run config.
+        peak_lr: Peak learning rate (``--optim.lr``).
+        total_steps: Optimizer steps of the run.
+        at_steps: Steps to tabulate (default: start, end of warm-up, start and middle of the decay, last update,
+            end). Step ``s`` is the lr of optimizer update ``s``; step ``total_steps`` is the floor.
+        png: If given, draw the schedule to this PNG file.
+        compare: Tabulate and draw cosine, sqrt, linear and wsd with the same warm-up and floor, side by side.
+
+    Returns:
+        A text table, one row per step.
+
+    Raises:
+        ConfigError: The settings do not fit the run (see :func:`resolve_schedule`) or a step is negative.
+    """
+    main = resolve_schedule(cfg, total_steps=total_steps, peak_lr=peak_lr)
+    if compare:
+        # same warm-up and floor for every shape; wsd uses the configured cool-down, and is left out when
+        # that cool-down would overlap the warm-up
+        scheds = {main.shape: main}
+        for shape in COMPARE_SHAPES:
+            try:
+                scheds.setdefault(shape, resolve_schedule(replace(cfg, name=shape, warmup_steps=main.warmup),
+                                                          total_steps=total_steps, peak_lr=peak_lr))
+            except ConfigError:
+                pass
+    else:
+        scheds = {main.shape: main}
+    steps = _default_steps(main) if at_steps is None else list(at_steps)
+    for s in steps:
+        if s < 0:
+            raise ConfigError(f"schedule step {s} is negative; steps count from 0 (the first update)")
+
+    header = (f"{main.shape} schedule: peak {peak_lr:.4g}, {total_steps} steps, warm-up {main.warmup} steps "
+              f"from {main.start_factor:g} x peak, floor {main.floor * peak_lr:.4g} ({main.floor:g} x peak)")
+    if main.shape == "wsd":
+        header += f", cool-down ({main.decay_shape}) from step {main.decay_start}"
+    rows = [["step"] + ([f"lr:{sh}" for sh in scheds] if compare else ["lr", "x_peak"])]
+    for s in steps:
+        if compare:
+            rows.append([str(s)] + [f"{peak_lr * fn(s):.4e}" for fn in scheds.values()])
+        else:
+            rows.append([str(s), f"{peak_lr * main(s):.4e}", f"{main(s):.4f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+    if png is not None:
+        _draw(scheds, main, peak_lr=peak_lr, steps=steps, path=Path(png))
+    return f"{header}\n{table}"
+
+
+def _draw(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float, steps: list[int], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: headless, no pyplot global state
+    from matplotlib.figure import Figure
+
+    total = main.total
+    n = min(total, 2000)  # plot points: every step for short runs, 2000 evenly spaced otherwise
+    xs = sorted({round(i * total / n) for i in range(n + 1)} | {main.warmup, main.decay_start})
+    names = {"cosine": "cosine", "sqrt": "square-root", "linear": "linear", "constant": "constant",
+             "wsd": f"wsd ({main.decay_shape} cool-down)"}
+
+    fig = Figure(figsize=(9, 5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for shape, fn in scheds.items():
+        ax.plot(xs, [peak_lr * fn(x) for x in xs], label=names[shape], lw=2.4 if shape == main.shape else 1.6)
+    if len(scheds) == 1:
+        ax.plot(steps, [peak_lr * main(s) for s in steps], "o", color="black", ms=4, label="tabulated steps")
+    if main.warmup > 0:
+        ax.axvline(main.warmup, color="grey", ls=":", lw=1)
+        ax.annotate("end of warm-up ", (main.warmup, 0.5 * peak_lr), fontsize=8, color="grey", rotation=90,
+                    ha="right", va="center")
+    floor = min(fn.floor for fn in scheds.values()) * peak_lr  # constant's "floor" is its peak
+    ax.axhline(floor, color="grey", ls="--", lw=0.8, label="floor")
+    ax.set_xlim(0, total)
+    ax.set_ylim(0, peak_lr * 1.05)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    what = "decay shapes compared" if len(scheds) > 1 else f"{names[main.shape]} schedule"
+    ax.set_title(f"Learning rate: {what}\n{total} steps, warm-up {main.warmup} steps from {main.start_factor:g} x "
+                 f"peak {peak_lr:.3g}, floor {floor:.3g}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: never hides a curve
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)

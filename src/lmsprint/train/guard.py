@@ -1,0 +1,58 @@
+"""Non-finite and loss-spike guard: decides, from each step's loss and gradient norm, whether to apply the
+update, skip it, or roll the run back to its last good checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from lmsprint.config import GuardConfig
+
+Decision = Literal["ok", "skip", "rollback"]
+
+
+@dataclass
+class Guard:
+    cfg: GuardConfig
+    bad_in_row: int = 0
+    bad_total: int = 0
+    spikes: int = 0
+    rollbacks: int = 0
+    ema: float | None = None
+    seen: int = 0
+
+    def check(self, loss: float, grad_norm: float, *, overflow_expected: bool = False) -> Decision:
+        """Judge one step.
+
+        Args:
+            loss: the step's mean training loss (all ranks).
+            grad_norm: its global gradient norm before clipping.
+            overflow_expected: fp16 loss scaling is on, so an inf gradient norm with a finite loss is the
+                scaler's business (it skips the step and lowers the scale), not a bad step.
+        """
+        finite_loss = math.isfinite(loss)
+        if not finite_loss or (not math.isfinite(grad_norm) and not overflow_expected):
+            self.bad_in_row += 1
+            self.bad_total += 1
+            return "rollback" if self.bad_in_row >= self.cfg.max_bad_steps else "skip"
+        self.bad_in_row = 0
+        if (self.cfg.spike_factor > 0 and self.ema is not None and self.seen >= self.cfg.spike_warmup
+                and loss > self.cfg.spike_factor * self.ema):
+            self.spikes += 1
+            return "rollback"
+        self.ema = loss if self.ema is None else self.cfg.ema * self.ema + (1 - self.cfg.ema) * loss
+        self.seen += 1
+        return "ok"
+
+    def after_rollback(self) -> None:
+        self.rollbacks += 1
+        self.bad_in_row = 0
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"bad_in_row": self.bad_in_row, "bad_total": self.bad_total, "spikes": self.spikes,
+                "rollbacks": self.rollbacks, "ema": self.ema, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("bad_in_row", "bad_total", "spikes", "rollbacks", "ema", "seen"):
+            setattr(self, key, state[key])

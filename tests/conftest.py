@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny corpora and configs made on the fly, an isolated cache, and the shared data dir."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lmsprint.config import RunConfig, build_config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepared data and downloads go to a per-session temporary cache, never ~/.cache."""
+    monkeypatch.setenv("LMSPRINT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial bankers "
+         "under silver moons and rivers carry old stories to distant harbours").split()
+
+
+def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) + "."
+            for _ in range(n)]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A JSONL corpus of 60 short documents of varied length."""
+    import json
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)))
+    return path
+
+
+def tiny_config(source: str | Path, **overrides: object) -> RunConfig:
+    """A few-second CPU config: byte tokenizer, 2-layer model, no progress bar, no plot."""
+    args = {
+        "data.source": str(source), "data.tokenizer": "byte", "data.seq_len": 32, "data.val_fraction": 0.1,
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "train.batch_size": 4, "train.steps": 10,
+        "train.eval_every": 5, "train.eval_tokens": 256, "train.log_every": 1, "train.ckpt_every": 5,
+        "train.device": "cpu", "log.progress": False, "log.plot": False, "schedule.warmup_steps": 2,
+    }
+    args.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return build_config(None, [f"--{k}={v}" for k, v in args.items()])
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"shared corpora not found at {SHARED} (only present on the project's machines)")
+    return SHARED

@@ -1,0 +1,180 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmsprint.data.batching import STRATEGIES, TokenStream, epoch_plan, plan_stats
+from lmsprint.data.curriculum import SeqLenSchedule
+from lmsprint.data.loader import IGNORE_INDEX, Loader, eval_batches, segments
+from lmsprint.data.shards import read_shard, write_shard
+
+EOT = 0
+
+
+@pytest.fixture
+def stream(tmp_path: Path) -> TokenStream:
+    """Two shards of documents of lengths 1..150 whose tokens encode their stream position (mod 60000)."""
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, 150, size=80)
+    shards, pos = [], 0
+    for k, part in enumerate(np.array_split(lens, 2)):
+        docs = []
+        for n in part:
+            ids = 1 + (np.arange(pos, pos + n) % 60000)
+            ids[0] = EOT  # every document starts with the end-of-document token
+            docs.append(ids)
+            pos += n
+        write_shard(tmp_path / f"s{k}.bin", docs, vocab_size=60001, eot_id=EOT)
+        shards.append(read_shard(tmp_path / f"s{k}.bin"))
+    return TokenStream(shards)
+
+
+def _positions(stream: TokenStream, plan) -> np.ndarray:
+    return np.concatenate([np.arange(s, s + n) for s, n in zip(plan.span_start, plan.span_len)])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_epoch_covers_every_token_once(stream: TokenStream, strategy: str) -> None:
+    plan = epoch_plan(stream, strategy, 64, seed=1, epoch=0, batch_rows=4, bucket_window=2)
+    pos = np.sort(_positions(stream, plan))
+    assert np.array_equal(pos, np.arange(stream.n_tokens))  # no token lost, none repeated
+    assert plan.row_lengths().max() <= 64
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_loader_rows_inputs_and_targets(stream: TokenStream, strategy: str) -> None:
+    """Over an epoch every stream token is an input once and a target once (except the very first)."""
+    loader = Loader(stream, strategy=strategy, seq_len=64, batch_rows=4, micro_rows=2, seed=3,
+                    doc_mask=strategy in ("pack", "best-fit"))
+    plan_rows = epoch_plan(stream, strategy, 64, seed=3, epoch=0, batch_rows=4).n_rows
+    steps = -(-plan_rows // 4)
+    inputs, targets = [], []
+    for step in range(steps):
+        batch = loader.next(step)
+        for mb in batch.micro:
+            width = 64 if strategy in ("pack", "best-fit") else mb.inputs.shape[1]
+            assert mb.inputs.shape == (2, width) and width % 64 == 0 or width == 64
+            keep = mb.targets != IGNORE_INDEX
+            inputs.append(mb.inputs[keep].numpy())
+            targets.append(mb.targets[keep].numpy())
+    # position p carries token 1 + p % 60000 unless p starts a document; check via the stream
+    all_tokens = stream.read(0, stream.n_tokens)
+    flat_t = np.concatenate(targets)[: stream.n_tokens - 1]
+    assert np.array_equal(np.sort(flat_t), np.sort(all_tokens[1:]))
+
+
+def test_pad_rows_pad_to_multiple_and_ignore_padding(stream: TokenStream) -> None:
+    loader = Loader(stream, strategy="pad", seq_len=128, batch_rows=8, micro_rows=4, seed=0, pad_multiple=32)
+    for step in range(5):
+        for mb in loader.next(step).micro:
+            width = mb.inputs.shape[1]
+            assert width % 32 == 0 and width <= 128
+            pad = mb.targets == IGNORE_INDEX
+            # padding sits at the end of each row; its inputs are the pad id
+            assert torch.all(mb.inputs[pad & (torch.arange(width) > 0)] == EOT) or pad.sum() == 0
+
+
+def test_bucket_pads_less_than_pad(stream: TokenStream) -> None:
+    stats = {s: plan_stats(epoch_plan(stream, s, 128, seed=0, epoch=0, batch_rows=8, bucket_window=4), strategy=s,
+                           seq_len=128, micro_rows=8, pad_multiple=16) for s in ("pad", "bucket", "pack", "best-fit")}
+    assert stats["bucket"]["waste"] < stats["pad"]["waste"]
+    assert stats["pack"]["waste"] < 0.01
+    assert stats["best-fit"]["rows"] < stats["pad"]["rows"]
+
+
+def test_best_fit_never_splits_a_document_that_fits(stream: TokenStream) -> None:
+    plan = epoch_plan(stream, "best-fit", 160, seed=0, epoch=0)
+    lens = dict(zip(stream.doc_starts.tolist(), stream.doc_lens.tolist()))
+    for s, n in zip(plan.span_start, plan.span_len):
+        if s in lens and lens[s] <= 160:
+            assert n == lens[s]
+
+
+def test_document_masks_and_positions_restart(stream: TokenStream) -> None:
+    loader = Loader(stream, strategy="pack", seq_len=64, batch_rows=2, micro_rows=2, seed=0, doc_mask=True)
+    mb = loader.next(0).micro[0]
+    for row in range(2):
+        inputs, seg, pos = mb.inputs[row], mb.doc_ids[row], mb.pos[row]
+        starts = torch.nonzero(inputs == EOT).flatten().tolist()
+        for s in starts:
+            assert pos[s] == 0  # a document start restarts positions
+            if s > 0:
+                assert seg[s] != seg[s - 1]  # and begins a new attention segment
+        assert pos[0] == 0
+
+
+def test_segments_helper() -> None:
+    doc = np.array([[5, 5, 5, 6, 6, 6, 6, 6]])
+    seg, pos = segments(doc, doc.shape, np.array([4]))
+    assert seg.tolist() == [[1, 1, 1, 2, 3, 3, 3, 3]]
+    assert pos.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
+
+
+def test_curriculum_lengths() -> None:
+    lin = SeqLenSchedule("linear", 1024, 128, total_steps=100, warmup=0.5, multiple=128)
+    assert [lin.length_at(s) for s in (0, 25, 49, 50, 99)] == [128, 512, 1024 - 128, 1024, 1024]
+    stages = SeqLenSchedule("stages", 1024, 128, total_steps=90, warmup=1 / 3)
+    assert [stages.length_at(s) for s in (0, 9, 10, 20, 29, 30)] == [128, 128, 256, 512, 512, 1024]
+    tokens = SeqLenSchedule("tokens", 1024, 256, total_steps=100, milestones=(1000, 3000), tokens_per_step=500)
+    assert [tokens.length_at(s) for s in (0, 1, 2, 5, 6, 50)] == [256, 256, 512, 512, 1024, 1024]
+
+
+def test_loader_curriculum_keeps_tokens_per_step(stream: TokenStream) -> None:
+    sched = SeqLenSchedule("stages", 64, 16, total_steps=8, warmup=0.5)
+    loader = Loader(stream, strategy="pack", seq_len=64, batch_rows=4, micro_rows=2, seed=0, curriculum=sched)
+    seen = []
+    for step in range(8):
+        batch = loader.next(step)
+        shapes = {tuple(mb.inputs.shape) for mb in batch.micro}
+        assert shapes == {(2, 64)}  # shapes never change: nothing recompiles
+        seen.append((batch.seq_len, batch.sequences))
+        mb = batch.micro[0]
+        assert int(mb.pos.max()) == batch.seq_len - 1
+    assert seen == [(16, 16), (16, 16), (32, 8), (32, 8), (64, 4), (64, 4), (64, 4), (64, 4)]
+
+
+def test_short_mix_after_curriculum(stream: TokenStream) -> None:
+    sched = SeqLenSchedule("stages", 64, 16, total_steps=2, warmup=0.5, short_mix=0.5)
+    loader = Loader(stream, strategy="pack", seq_len=64, batch_rows=32, micro_rows=32, seed=0, curriculum=sched)
+    batch = loader.next(5)
+    longest = batch.micro[0].pos.max(dim=1).values
+    assert set(longest.tolist()) == {15, 63}
+    assert 4 < int((longest == 15).sum()) < 28
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_loader_resume_is_exact(stream: TokenStream, strategy: str) -> None:
+    def make() -> Loader:
+        return Loader(stream, strategy=strategy, seq_len=64, batch_rows=4, micro_rows=4, seed=5)
+
+    a = make()
+    for step in range(7):
+        a.next(step)
+    state = a.state_dict()
+    b = make()
+    b.load_state_dict(state)
+    for step in range(7, 40):  # crosses epoch boundaries
+        x, y = a.next(step), b.next(step)
+        assert torch.equal(x.micro[0].inputs, y.micro[0].inputs) and x.n_targets == y.n_targets
+
+
+def test_ranks_get_disjoint_rows_and_the_same_counts(stream: TokenStream) -> None:
+    ranks = [Loader(stream, strategy="pack", seq_len=64, batch_rows=8, micro_rows=2, rank=r, world=2, seed=0)
+             for r in range(2)]
+    single = Loader(stream, strategy="pack", seq_len=64, batch_rows=8, micro_rows=4, seed=0)
+    for step in range(3):
+        b0, b1, s = ranks[0].next(step), ranks[1].next(step), single.next(step)
+        assert b0.n_targets == b1.n_targets == s.n_targets
+        rows0 = {tuple(r.tolist()) for mb in b0.micro for r in mb.inputs}
+        rows1 = {tuple(r.tolist()) for mb in b1.micro for r in mb.inputs}
+        assert not rows0 & rows1
+        assert rows0 | rows1 == {tuple(r.tolist()) for mb in s.micro for r in mb.inputs}
+
+
+def test_eval_batches_are_fixed_and_shaped_like_training(stream: TokenStream) -> None:
+    a = eval_batches(stream, seq_len=64, micro_rows=4, max_tokens=300)
+    b = eval_batches(stream, seq_len=64, micro_rows=4, max_tokens=300)
+    assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b))
+    assert all(mb.inputs.shape == (4, 64) for mb in a)
+    assert sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in a) == 299

@@ -1,0 +1,89 @@
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from lmsprint.config import (
+    SECTIONS,
+    RunConfig,
+    build_config,
+    field_docs,
+    help_lines,
+    load_toml,
+    parse_overrides,
+    recipe_names,
+    to_toml,
+)
+from lmsprint.errors import ConfigError
+
+
+def test_overrides_both_spellings() -> None:
+    assert parse_overrides(["--optim.lr=1e-3", "--optim.name", "lion"]) == [("optim.lr", "1e-3"),
+                                                                             ("optim.name", "lion")]
+    cfg = build_config(None, ["--optim.lr=1e-3", "--optim.name", "lion", "--train.compile=true",
+                              "--optim.betas=0.9,0.99", "--train.micro_batch_size=none", "--train.steps=1e3"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.name == "lion" and cfg.train.compile is True
+    assert cfg.optim.betas == [0.9, 0.99] and cfg.train.micro_batch_size is None and cfg.train.steps == 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optim.lr=abc"], "--optim.lr: expected a number"),
+        (["--optim.lr=-1"], "--optim.lr must be a positive number"),
+        (["--optim.lr=0"], "--optim.lr must be a positive number"),
+        (["--train.steps=2.5"], "--train.steps: expected an integer"),
+        (["--train.compile=maybe"], "expected true or false"),
+        (["--data.batching=zigzag"], "is not one of pack, pad, bucket, best-fit"),
+        (["--train.nonsense=1"], "unknown config key 'train.nonsense'"),
+        (["--bogus.key=1"], "unknown config key 'bogus.key'"),
+        (["--model.preset=huge"], "unknown preset 'huge'"),
+        (["--optim.name=sgd"], "unknown optimizer 'sgd'"),
+        (["--train.batch_size=10", "--train.micro_batch_size=4"], "not divisible by --train.micro_batch_size=4"),
+        (["--optim.lr"], "--optim.lr needs a value"),
+        (["positional"], "unexpected argument 'positional'"),
+        (["--schedule.min_lr=1.0", "--optim.lr=0.1"], "--schedule.min_lr=1.0 must be between 0 and the peak"),
+    ],
+)
+def test_invalid_values_name_the_flag(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_config(None, args)
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    cfg = build_config(None, ["--optim.betas=0.8,0.9", "--train.run_name=x", "--data.seq_milestones=5,10"])
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    again = build_config(str(path))
+    assert again == cfg
+
+
+def test_unknown_section_and_bad_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[modle]\nn_layer = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[modle\]"):
+        build_config(str(bad))
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_toml("no-such-recipe")
+
+
+def test_every_recipe_is_valid() -> None:
+    names = recipe_names()
+    assert "tiny-cpu" in names
+    for name in names:
+        build_config(name)
+
+
+def test_defaults_are_the_tiny_cpu_recipe() -> None:
+    assert build_config("tiny-cpu") == RunConfig()
+
+
+def test_every_field_is_documented() -> None:
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in fields(cls):
+            assert docs.get(f.name), f"{section}.{f.name} has no docstring"
+    assert any("--optim.lr" in line for line in help_lines())

@@ -1,0 +1,203 @@
+import bz2
+import gzip
+import json
+import lzma
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_docs
+
+from lmsprint.data import sources
+from lmsprint.data.prepare import load_prepared, prepare, prepared_data
+from lmsprint.data.shards import HEADER_BYTES, read_shard, write_shard
+from lmsprint.data.tokenizer import EOT, byte_tokenizer, load_tokenizer, train_bpe
+from lmsprint.errors import DataError
+
+TEXTS = ["Hello, world!", "naïve café — ünïcödé ✓ 日本語", "  leading spaces\n\ttabs\n", "<|endoftext|> literal"]
+
+
+def test_byte_tokenizer_round_trip() -> None:
+    tok = byte_tokenizer()
+    assert tok.vocab_size == 257 and tok.eot_id == 256
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        if EOT not in text:
+            assert len(ids) == len(text.encode("utf-8"))
+
+
+def test_bpe_round_trip_and_eot(tmp_path: Path) -> None:
+    tok = train_bpe(iter(make_docs(200) + TEXTS), vocab_size=400)
+    assert tok.vocab_size <= 400 and tok.decode([tok.eot_id]) == EOT
+    for text in TEXTS + make_docs(5, seed=9):
+        assert tok.decode(tok.encode(text)) == text
+    docs = tok.encode_docs(["a b", "c"])
+    assert all(d[0] == tok.eot_id for d in docs)
+    tok.save(tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.sha == tok.sha and again.encode("quick fox") == tok.encode("quick fox")
+
+
+def test_shard_round_trip(tmp_path: Path) -> None:
+    docs = [np.array([5, 1, 2, 3]), np.array([5, 9]), np.array([5, 7, 7, 7, 7])]
+    write_shard(tmp_path / "s.bin", docs, vocab_size=10, eot_id=5)
+    shard = read_shard(tmp_path / "s.bin")
+    assert shard.tokens.dtype == np.uint16
+    assert np.array_equal(np.asarray(shard.tokens), np.concatenate(docs))
+    assert shard.doc_starts.tolist() == [0, 4, 6]
+    # a vocabulary beyond uint16 switches to uint32
+    write_shard(tmp_path / "big.bin", [np.array([70000, 1])], vocab_size=70001, eot_id=70000)
+    big = read_shard(tmp_path / "big.bin")
+    assert big.tokens.dtype == np.uint32 and big.tokens[0] == 70000
+
+
+def test_shard_rejects_ids_beyond_vocab(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not fit the vocabulary"):
+        write_shard(tmp_path / "s.bin", [np.array([1, 12])], vocab_size=10, eot_id=1)
+
+
+@pytest.mark.parametrize("damage", ["magic", "version", "truncate", "dtype"])
+def test_corrupt_shards_are_detected(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "s.bin"
+    write_shard(path, [np.array([1, 2, 3])], vocab_size=10, eot_id=1)
+    raw = bytearray(path.read_bytes())
+    if damage == "magic":
+        raw[:8] = b"NOTASHRD"
+    elif damage == "version":
+        raw[8] = 99
+    elif damage == "truncate":
+        raw = raw[: HEADER_BYTES + 3]
+    else:
+        raw[12] = 3
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="re-run `lmsprint prepare`"):
+        read_shard(path)
+
+
+def _write(path: Path, text: str) -> Path:
+    opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(path.suffix, open)
+    with opener(path, "wt", encoding="utf-8") as f:  # type: ignore[operator]
+        f.write(text)
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz", ".bz2", ".zst"])
+def test_jsonl_formats_and_compression(tmp_path: Path, suffix: str) -> None:
+    docs = make_docs(7)
+    text = "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs))
+    path = tmp_path / f"c.jsonl{suffix}"
+    if suffix == ".zst":
+        zstd = pytest.importorskip("zstandard")
+        path.write_bytes(zstd.ZstdCompressor().compress(text.encode()))
+    else:
+        _write(path, text)
+    src, val = sources.resolve(str(path))
+    assert val is None
+    assert list(sources.iter_documents(src)) == docs
+
+
+def test_txt_document_modes(tmp_path: Path) -> None:
+    one = _write(tmp_path / "one.txt", "para one\nline two\n\n\npara two\n  \npara three")
+    src, _ = sources.resolve(str(one))
+    assert src.text_docs == "paragraph"
+    assert list(sources.iter_documents(src)) == ["para one\nline two", "para two", "para three"]
+    src, _ = sources.resolve(str(one), text_docs="file")
+    assert len(list(sources.iter_documents(src))) == 1
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for i in range(3):
+        _write(folder / f"f{i}.txt", f"doc {i}\n\nsecond paragraph")
+    src, _ = sources.resolve(str(folder))
+    assert src.text_docs == "file" and len(list(sources.iter_documents(src))) == 3
+    src, _ = sources.resolve(str(tmp_path / "dir" / "*.txt"))
+    assert len(src.files) == 3
+
+
+def test_train_val_directory(tmp_path: Path) -> None:
+    _write(tmp_path / "train-0.jsonl", json.dumps({"text": "a"}) + "\n")
+    _write(tmp_path / "val-0.jsonl", json.dumps({"text": "b"}) + "\n")
+    train, val = sources.resolve(str(tmp_path))
+    assert [p.name for p in train.files] == ["train-0.jsonl"]
+    assert val is not None and [p.name for p in val.files] == ["val-0.jsonl"]
+
+
+def test_stdlib_source() -> None:
+    src, _ = sources.resolve("stdlib")
+    assert len(src.files) > 100 and all(p.suffix == ".py" for p in src.files)
+    assert not any("site-packages" in p.parts or "test" in p.parts for p in src.files)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_prepare_keeps_every_token_once(tmp_path: Path, corpus: Path, tokenizer: str) -> None:
+    """train + val documents are exactly the corpus documents, each encoded once, held out whole."""
+    out = prepare(str(corpus), tmp_path / "data", tokenizer=tokenizer, vocab_size=300, val_fraction=0.2,
+                  progress=False)
+    data = load_prepared(out)
+    tok = data.tokenizer
+    expected = [tuple(ids) for ids in tok.encode_docs(make_docs(60))]
+
+    def docs(shards: list) -> list[tuple]:
+        out = []
+        for s in shards:
+            bounds = list(s.doc_starts) + [s.header.n_tokens]
+            out += [tuple(np.asarray(s.tokens[a:b]).tolist()) for a, b in zip(bounds, bounds[1:])]
+        return out
+
+    train, val = docs(data.train), docs(data.val)
+    assert len(val) >= 1 and len(train) >= 1
+    assert sorted(train + val) == sorted(expected)
+    assert data.meta["train"]["tokens"] + data.meta["val"]["tokens"] == sum(len(d) for d in expected)
+    assert all(d[0] == tok.eot_id for d in train + val)
+
+
+def test_prepared_cache_is_reused(corpus: Path) -> None:
+    a = prepared_data(str(corpus), tokenizer="byte", progress=False)
+    b = prepared_data(str(corpus), tokenizer="byte", progress=False)
+    assert a.path == b.path
+    c = prepared_data(str(a.path))  # a prepared directory opens directly
+    assert c.path == a.path
+
+
+def test_prepare_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        prepare(str(tmp_path / "missing.txt"), tmp_path / "o1", progress=False)
+    empty = _write(tmp_path / "empty.jsonl", "\n\n")
+    with pytest.raises(DataError, match="is empty"):
+        prepare(str(empty), tmp_path / "o2", tokenizer="byte", progress=False)
+    assert not (tmp_path / "o2").exists()  # nothing half-written
+    single = _write(tmp_path / "single.jsonl", json.dumps({"text": "only one"}) + "\n")
+    with pytest.raises(DataError, match="single document"):
+        prepare(str(single), tmp_path / "o3", tokenizer="byte", progress=False)
+    notext = _write(tmp_path / "notext.jsonl", json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match="line 1 has no 'text'"):
+        prepare(str(notext), tmp_path / "o4", tokenizer="byte", progress=False)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n\nmore".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare(str(latin), tmp_path / "o5", tokenizer="byte", progress=False)
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="binary"):
+        prepare(str(binary), tmp_path / "o6", tokenizer="byte", progress=False)
+    (tmp_path / "o7").mkdir()
+    (tmp_path / "o7" / "x").write_text("keep me")
+    with pytest.raises(DataError, match="already exists"):
+        prepare(str(latin), tmp_path / "o7", tokenizer="byte", progress=False)
+    assert (tmp_path / "o7" / "x").read_text() == "keep me"
+
+
+def test_shards_from_another_tokenizer_are_rejected(tmp_path: Path, corpus: Path) -> None:
+    out = prepare(str(corpus), tmp_path / "data", tokenizer="byte", progress=False)
+    train_bpe(iter(make_docs(50)), vocab_size=300).save(out / "tokenizer.json")
+    with pytest.raises(DataError, match="different tokenizer"):
+        load_prepared(out)
+
+
+def test_tinyshakespeare_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="pass its path as the data source"):
+        sources.tinyshakespeare()

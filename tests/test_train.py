@@ -1,0 +1,144 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from lmsprint.data.prepare import prepared_data
+from lmsprint.train.metrics import read_metrics
+from lmsprint.train.trainer import train
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_short_run_on_real_text_beats_unigram_entropy(tmp_path: Path, shared_data: Path) -> None:
+    """~200 steps on tinyshakespeare end well under the unigram entropy of its tokens."""
+    src = shared_data / "tinyshakespeare.txt"
+    cfg = tiny_config(src, data__seq_len=128, train__batch_size=8, train__steps=200, train__eval_every=100,
+                      train__eval_tokens=8192, train__log_every=20, optim__lr=3e-3, model__n_embd=64,
+                      model__n_head=4, train__ckpt_every=0)
+    result = train(cfg, run_dir=tmp_path / "run")
+    data = prepared_data(str(src), tokenizer="byte", val_fraction=0.1, progress=False)
+    counts = np.bincount(np.asarray(data.train[0].tokens), minlength=257).astype(float)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    assert result.val_loss is not None
+    assert result.val_loss < unigram - 0.5, (result.val_loss, unigram)
+
+
+def test_exact_resume(tmp_path: Path, corpus: Path) -> None:
+    """N steps straight equal k steps, a stop, and a resume to N: same losses, same weights."""
+    cfg = tiny_config(corpus, train__steps=12, train__ckpt_every=6)
+    straight = train(cfg, run_dir=tmp_path / "a")
+    first = tiny_config(corpus, train__steps=12, train__ckpt_every=6)
+    from lmsprint.train.trainer import Trainer
+
+    trainer = Trainer(first, tmp_path / "b")
+    trainer.total_steps = 12
+
+    class Stop(Exception):
+        pass
+
+    # run to step 6 (a checkpoint), then crash
+    original = trainer.save
+
+    def save_then_stop(state: dict) -> None:
+        original(state)
+        if trainer.step == 6:
+            raise Stop
+
+    trainer.save = save_then_stop  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        trainer.run()
+    resumed = train(first, run_dir=tmp_path / "b", resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    assert abs(straight.val_loss - resumed.val_loss) <= 1e-6
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "a" / "checkpoints" / "step_00000012" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "checkpoints" / "step_00000012" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_directory_contents(tmp_path: Path, corpus: Path) -> None:
+    cfg = tiny_config(corpus, log__plot=True)
+    result = train(cfg, run_dir=tmp_path / "run")
+    run = result.run_dir
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "tokenizer.json"):
+        assert (run / name).exists(), name
+    records = read_metrics(run / "metrics.jsonl")
+    kinds = {r["kind"] for r in records}
+    assert {"config", "train", "val", "summary"} <= kinds
+    train_rec = next(r for r in records if r["kind"] == "train")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(train_rec)
+    assert len(list((run / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    assert math.isfinite(result.val_loss)
+
+
+def test_sample_from_run(tmp_path: Path, corpus: Path) -> None:
+    from lmsprint.sample import sample
+
+    result = train(tiny_config(corpus), run_dir=tmp_path / "run")
+    texts = sample(result.run_dir, prompt="the", max_new_tokens=10, num_samples=2)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "lmsprint", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+TINY = ["--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2", "--train.steps=2",
+        "--log.progress=false", "--train.device=cpu", "--data.seq_len=16", "--train.batch_size=2"]
+
+
+def test_cli_bad_inputs(tmp_path: Path, corpus: Path) -> None:
+    assert_clean_error(run_cli("train", str(tmp_path / "nope.txt"), *TINY, cwd=tmp_path), "not found")
+    (tmp_path / "empty.txt").write_text("")
+    assert_clean_error(run_cli("train", str(tmp_path / "empty.txt"), *TINY, cwd=tmp_path), "is empty")
+    assert_clean_error(run_cli("train", str(corpus), "--model.preset=gigantic", cwd=tmp_path), "unknown preset")
+    assert_clean_error(run_cli("train", str(corpus), "--optim.lr=fast", cwd=tmp_path), "--optim.lr")
+    assert_clean_error(run_cli("train", str(corpus), "--train.nonsense=1", cwd=tmp_path), "train.nonsense")
+    assert_clean_error(run_cli("train", "--resume", str(tmp_path / "runs" / "ghost"), cwd=tmp_path), "no run to resume")
+    # corrupted shard header in a prepared directory
+    prep = tmp_path / "prep"
+    proc = run_cli("prepare", str(corpus), "--out", str(prep), "--data.tokenizer=byte", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    shard = prep / "train-00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = b"garbage!"
+    shard.write_bytes(bytes(raw))
+    assert_clean_error(run_cli("train", str(prep), *TINY, cwd=tmp_path), "not an lmsprint token shard")
+
+
+def test_cli_train_writes_run_and_sample(tmp_path: Path, corpus: Path) -> None:
+    proc = run_cli("train", str(corpus), *TINY, "--train.run_name=r", "--sample=5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
+    cfg_text = (tmp_path / "runs" / "r" / "config.toml").read_text()
+    assert 'tokenizer = "byte"' in cfg_text
+    # the same run name again refuses to overwrite
+    again = run_cli("train", str(corpus), *TINY, "--train.run_name=r", cwd=tmp_path)
+    assert_clean_error(again, "already exists")
+    json.loads((tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()[0])
