@@ -150,3 +150,30 @@ def test_generate_appends_tokens() -> None:
     assert out.shape == (2, 8)
     greedy = model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
     assert torch.equal(greedy, model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
+
+
+@pytest.mark.skipif(not flex_available(), reason="FlexAttention not in this torch")
+@pytest.mark.parametrize("cuts", [[0, 128], [0, 64, 200, 256], [0, 1, 2, 130, 131, 255], [0, 30, 90, 128, 250]])
+def test_block_statistics_mask_equals_reference_mask(cuts: list[int]) -> None:
+    """The BlockMask built from block statistics marks exactly the blocks create_block_mask marks, and gives
+    the same attention output as the dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from lmsprint.model.layers import flex_document_mask
+
+    T = 256
+    ids = torch.zeros(T, dtype=torch.long)
+    for c in cuts[1:]:
+        ids[c:] += 1
+    doc = torch.stack([ids, torch.arange(T) // 100])  # two rows with different layouts
+
+    def mask_mod(b, h, q, kv):  # noqa: ANN001, ANN202
+        return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+    ref = create_block_mask(mask_mod, 2, None, T, T, device="cpu")
+    ours = flex_document_mask(doc)
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    q, k, v = (torch.randn(2, 2, T, 16) for _ in range(3))
+    dense = document_mask(doc, use_flex=False)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), expected, atol=1e-5, rtol=1e-5)

@@ -88,9 +88,10 @@ def _is_hf_dataset(path: Path) -> bool:
 
 
 def stdlib_files() -> list[Path]:
-    """The running interpreter's standard library sources (tests, IDLE and site-packages left out)."""
+    """The running interpreter's standard library sources (tests, IDLE, codecs and site-packages left out)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    # generated codec tables (encodings/) are left out too: repetitive, they make losses look better than they are
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "encodings"}
     files = [p for p in sorted(root.rglob("*.py")) if not skip.intersection(p.relative_to(root).parts)]
     if not files:
         raise DataError(f"no Python standard library sources found under {root}; pass a corpus path instead")

@@ -88,15 +88,54 @@ def flex_available() -> bool:
     return True
 
 
+FLEX_BLOCK = 128  # FlexAttention's default tile: masks are described per 128 x 128 block
+
+
+def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(count, indices) of the true entries of a (B, nq, nkv) block table, true indices first."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num[:, None].contiguous(), idx[:, None].contiguous()
+
+
+def flex_document_mask(doc_ids: Tensor) -> object:
+    """A FlexAttention BlockMask for causal attention within sequences, built from block statistics.
+
+    ``doc_ids`` must be non-decreasing along each row (as the loader's sequence ids are). A kv block can
+    matter to a q block only if their id ranges overlap; it is fully visible when both hold one and the same
+    id and it lies strictly before the q block. Everything else is skipped, which is where short sequences
+    save time. A handful of small tensor ops instead of evaluating the mask on every (q, kv) pair.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = doc_ids.shape
+    n = T // FLEX_BLOCK
+    d = doc_ids.view(B, n, FLEX_BLOCK)
+    lo, hi = d.amin(-1), d.amax(-1)  # (B, n)
+    q_lo, q_hi, k_lo, k_hi = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]
+    ones = torch.ones(n, n, dtype=torch.bool, device=doc_ids.device)
+    causal, before = ones.tril(), ones.tril(-1)
+    any_visible = causal & (k_hi >= q_lo) & (k_lo <= q_hi)
+    full = before & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    return BlockMask.from_kv_blocks(*_ordered(any_visible & ~full), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=mask_mod)
+
+
 def document_mask(doc_ids: Tensor, *, use_flex: bool) -> object:
     """The attention mask for rows made of several sequences: causal, and only within the same id.
 
-    ``doc_ids`` is (B, T) with one id per token; tokens of different ids never attend to each other. On the
-    flex path this is a FlexAttention ``BlockMask`` (blocks that are fully masked are skipped, so short
-    sequences really cost less); otherwise a dense (B, 1, T, T) boolean mask for SDPA.
+    ``doc_ids`` is (B, T) with one non-decreasing id per token; tokens of different ids never attend to each
+    other. On the flex path this is a FlexAttention ``BlockMask`` (blocks that are fully masked are skipped, so
+    short sequences really cost less); otherwise a dense (B, 1, T, T) boolean mask for SDPA.
     """
     B, T = doc_ids.shape
     if use_flex:
+        if T % FLEX_BLOCK == 0:
+            return flex_document_mask(doc_ids)
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
