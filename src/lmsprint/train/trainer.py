@@ -66,6 +66,10 @@ class Callback:
     def on_grads(self, step: int, model: torch.nn.Module) -> None:
         """Called after the backward passes of a step, before clipping and the update."""
 
+    def on_eval(self, step: int, val_loss: float) -> bool:
+        """Called after each evaluation; return True to end the run there (it is checkpointed)."""
+        return False
+
 
 def resolve_precision(precision: str, device: torch.device, warn: Callable[[str], None]) -> str:
     if precision == "auto":
@@ -519,6 +523,8 @@ class Trainer:
                         self.metrics.write("val", step=self.step, loss=val_loss, tokens=self.tokens_seen,
                                            time=self.train_time)
                     bar.set_postfix(loss=f"{last_loss or float('nan'):.3f}", val=f"{val_loss:.3f}", refresh=False)
+                    if any(cb.on_eval(self.step, val_loss) for cb in self.callbacks):
+                        end = True
                     t_mark = time.perf_counter()
                 stop = self._stop_signal is not None
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or end or stop:
@@ -528,6 +534,8 @@ class Trainer:
                     self.save(loader_state)
                     t_mark = time.perf_counter()
                 bar.update(1)
+                if end:
+                    break
                 if stop:
                     self.log_line(f"stopped by signal at step {self.step}; resume with --resume")
                     if self.metrics:
@@ -537,10 +545,13 @@ class Trainer:
             bar.close()
             restore_signals()
         if is_main and self.metrics:
+            from torch._dynamo.utils import counters
+
             self.metrics.write("summary", step=self.step, train_loss=last_loss, val_loss=val_loss,
                                train_time=self.train_time, compile_time=self.compile_time,
                                skipped=self.guard.bad_total, rollbacks=self.guard.rollbacks,
-                               spikes=self.guard.spikes, tokens=self.tokens_seen)
+                               spikes=self.guard.spikes, tokens=self.tokens_seen,
+                               graphs=int(counters["stats"]["unique_graphs"]))
             self.metrics.close()
             if cfg.log.plot:
                 from lmsprint.plots import plot_run
