@@ -155,6 +155,9 @@ def prepare(
     tok = _make_tokenizer(tokenizer, vocab_size, train_src, progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         train_w, val_w = _SplitWriter(tmp, "train", tok), _SplitWriter(tmp, "val", tok)
         rng = random.Random(seed)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmsprint.model.layers import Block, GPTConfig, Norm, document_mask
+from lmsprint.model.layers import Block, CausalSelfAttention, GPTConfig, Norm
 
 IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
 
@@ -32,8 +32,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.use_flex = False  # document masks through FlexAttention (set by the trainer on CUDA)
         self._head_fn: Callable[..., Tensor] = self._head
+
+    @property
+    def use_flex(self) -> bool:
+        """Document masks through FlexAttention (the trainer turns it on for compiled CUDA runs)."""
+        return self.transformer.h[0].attn.use_flex if len(self.transformer.h) else False
+
+    @use_flex.setter
+    def use_flex(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, CausalSelfAttention):
+                m.use_flex = value
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -105,12 +115,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.block_size} positions")
-        mask = None if doc_ids is None else document_mask(doc_ids, use_flex=self.use_flex)
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
         for block in self.transformer.h:
-            x = block(x, pos, mask)
+            x = block(x, pos, doc_ids)
         if targets is None:
             return self._logits(x)[..., : self.config.vocab_size]
         return self._head_fn(x, targets, reduction)

@@ -1,0 +1,207 @@
+"""``lmsprint bench``: the least wall-clock time to a target validation loss, recipes side by side.
+
+Every recipe (and seed) is trained in this one process, one after the other, on the same data, evaluated
+every ``eval_every`` steps on the same fixed validation tokens. Times are the trainer's ``train_time``: device
+synchronised at both edges, compile warm-up, evaluation and checkpointing excluded. The target is a loss
+(or ``auto``: the mean final loss of the first recipe, the baseline); for each run the crossing of the target
+is interpolated linearly between evaluations in time, tokens and steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmsprint.compare import crossing
+from lmsprint.config import build_config
+from lmsprint.train.metrics import read_metrics
+from lmsprint.train.trainer import Callback, train
+
+# One technique of a recipe removed at a time (`--ablate fast`): name -> overrides that switch it off.
+ABLATIONS: dict[str, list[str]] = {
+    "muon (AdamW instead)": ["--optim.name=adamw", "--optim.lr=2e-3", "--optim.embed_lr=none",
+                             "--optim.head_lr=none", "--optim.scalar_lr=none"],
+    "wsd schedule (cosine instead)": ["--schedule.name=cosine"],
+    "document masking": ["--data.doc_mask=false"],
+    "sequence-length schedule": ["--data.seq_schedule=none"],
+    "architecture (rope/rmsnorm/swiglu -> GPT-2's)": ["--model.pos_emb=learned", "--model.norm=layernorm",
+                                                     "--model.mlp=gelu", "--model.qk_norm=false",
+                                                     "--model.logit_softcap=0"],
+}
+
+
+class _StopAtTarget(Callback):
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_eval(self, step: int, val_loss: float) -> bool:
+        return val_loss <= self.target
+
+
+@dataclass
+class BenchRun:
+    name: str
+    seed: int
+    run_dir: str
+    final_loss: float
+    train_time: float
+    compile_time: float
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    mfu: float | None
+    graphs: int
+    val: list[dict] = field(default_factory=list)  # {"step", "tokens", "time", "loss"}
+    to_target: dict[str, float | None] = field(default_factory=dict)  # time / tokens / steps
+
+    def measure(self, target: float) -> None:
+        self.to_target = {
+            key: crossing([(v[key], v["loss"]) for v in self.val], target) for key in ("time", "tokens", "step")
+        }
+
+
+def run_one(name: str, recipe: str, seed: int, *, overrides: list[str], out_dir: Path,
+            stop_at: float | None = None) -> BenchRun:
+    """Train one recipe/seed and collect its curve."""
+    cfg = build_config(recipe, [*overrides, f"--train.seed={seed}"])
+    run_dir = out_dir / f"{name}-seed{seed}".replace(" ", "_").replace("/", "_")
+    callbacks = [_StopAtTarget(stop_at)] if stop_at is not None else []
+    train(cfg, run_dir=run_dir, callbacks=callbacks)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    val = [{"step": r["step"], "tokens": r["tokens"], "time": r["time"], "loss": r["loss"]}
+           for r in records if r["kind"] == "val"]
+    trains = [r for r in records if r["kind"] == "train"]
+    summary = next(r for r in reversed(records) if r["kind"] == "summary")
+    mfus = [r["mfu"] for r in trains if "mfu" in r]
+    steady = trains[len(trains) // 4 :] or trains  # skip the first log windows (allocator warm-up)
+    return BenchRun(name=name, seed=seed, run_dir=str(run_dir), final_loss=val[-1]["loss"],
+                    train_time=summary["train_time"], compile_time=summary["compile_time"], steps=summary["step"],
+                    tokens=summary["tokens"],
+                    tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady) if steady else 0.0,
+                    mfu=statistics.median(mfus[len(mfus) // 4 :] or mfus) if mfus else None,
+                    graphs=summary.get("graphs", 0), val=val)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(mean: float, sd: float, unit: str = "", digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "not reached"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}{unit}" if sd else f"{mean:.{digits}f}{unit}"
+
+
+def summarize(runs: list[BenchRun], target: float) -> list[dict]:
+    """Per recipe: mean and spread over seeds of time/tokens/steps to target and final loss."""
+    out = []
+    for name in dict.fromkeys(r.name for r in runs):
+        group = [r for r in runs if r.name == name]
+        reached = [r for r in group if r.to_target.get("time") is not None]
+        row = {
+            "name": name,
+            "seeds": len(group),
+            "reached": len(reached),
+            "time": _mean_sd([r.to_target["time"] for r in reached]) if len(reached) == len(group) else
+            (math.nan, math.nan),
+            "tokens": _mean_sd([r.to_target["tokens"] for r in reached]) if reached else (math.nan, math.nan),
+            "steps": _mean_sd([r.to_target["step"] for r in reached]) if reached else (math.nan, math.nan),
+            "final": _mean_sd([r.final_loss for r in group]),
+            "train_time": _mean_sd([r.train_time for r in group]),
+            "compile": _mean_sd([r.compile_time for r in group]),
+            "tokens_per_s": _mean_sd([r.tokens_per_s for r in group]),
+            "mfu": _mean_sd([r.mfu for r in group if r.mfu is not None]),
+        }
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict], target: float, *, reference: str | None = None) -> str:
+    ref = next((r for r in rows if r["name"] == reference), rows[0]) if rows else None
+    lines = [f"Target validation loss: {target:.4f}", "",
+             "| recipe | seeds | time to target (s) | speed-up | tokens to target (M) | steps to target | "
+             "final val loss | train time (s) | compile (s) | tokens/s | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        speed = ref["time"][0] / r["time"][0] if ref and not math.isnan(r["time"][0]) and r["time"][0] > 0 else math.nan
+        tok_m = (r["tokens"][0] / 1e6, r["tokens"][1] / 1e6)
+        mfu = f"{r['mfu'][0]:.1%}" if not math.isnan(r["mfu"][0]) else "-"
+        lines.append(
+            f"| {r['name']} | {r['seeds']} | {_fmt(*r['time'])} | {'-' if math.isnan(speed) else f'{speed:.2f}x'} | "
+            f"{_fmt(*tok_m, digits=2)} | {_fmt(*r['steps'], digits=0)} | {_fmt(*r['final'], digits=4)} | "
+            f"{_fmt(*r['train_time'])} | {_fmt(*r['compile'])} | {r['tokens_per_s'][0]:,.0f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[BenchRun], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.name for r in runs))}
+    for ax, key, label in ((axes[0], "time", "training wall time (s)"), (axes[1], "tokens", "training tokens")):
+        for r in runs:
+            xs = [v[key] for v in r.val]
+            first = r is next(x for x in runs if x.name == r.name)
+            ax.plot(xs, [v["loss"] for v in r.val], "o-", ms=2, lw=1, color=colors[r.name],
+                    label=r.name if first else None, alpha=0.85)
+        ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target:.3f}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        lo = min(v["loss"] for r in runs for v in r.val)
+        ax.set_ylim(lo - 0.1, min(max(v["loss"] for r in runs for v in r.val), target + 2.5))
+    axes[0].legend(fontsize=8)
+    fig.suptitle("lmsprint bench: validation loss against wall time and tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench(recipes: list[str], *, seeds: list[int], overrides: list[str], out_dir: Path,
+          target: float | None = None, ablate: str | None = None, stop_at_target: bool = False) -> dict:
+    """Run every recipe x seed, then (optionally) the ablations of one recipe; write bench.{json,md,png}.
+
+    Args:
+        recipes: recipe names or TOML paths; the first is the reference (and sets an ``auto`` target).
+        seeds: seeds per recipe.
+        overrides: ``--section.key=value`` applied to every run (e.g. the data source).
+        out_dir: where run directories and the report go.
+        target: the target loss; None = the first recipe's mean final validation loss.
+        ablate: a recipe whose techniques are removed one at a time (first seed, stopped at the target).
+        stop_at_target: end runs after recipe 1 once they reach the target (saves time; final loss is then
+            the loss at the stop).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[BenchRun] = []
+    for i, recipe in enumerate(recipes):
+        for seed in seeds:
+            stop = target if (stop_at_target and i > 0 and target is not None) else None
+            runs.append(run_one(Path(recipe).stem, recipe, seed, overrides=overrides, out_dir=out_dir, stop_at=stop))
+        if target is None:
+            target = statistics.fmean(r.final_loss for r in runs)
+    assert target is not None
+    if ablate is not None:
+        base = build_config(ablate, overrides)
+        for name, extra in ABLATIONS.items():
+            changed = build_config(ablate, [*overrides, *extra])
+            if changed == base:
+                continue  # the recipe does not use this technique
+            runs.append(run_one(f"{Path(ablate).stem} - {name}", ablate, seeds[0], overrides=[*overrides, *extra],
+                                out_dir=out_dir, stop_at=target))
+    for r in runs:
+        r.measure(target)
+    rows = summarize(runs, target)
+    md = table(rows, target, reference=Path(recipes[0]).stem)
+    (out_dir / "bench.md").write_text(md + "\n")
+    (out_dir / "bench.json").write_text(json.dumps({"target": target, "runs": [asdict(r) for r in runs],
+                                                    "summary": rows}, indent=1))
+    plot(runs, target, out_dir / "bench.png")
+    return {"target": target, "runs": runs, "summary": rows, "table": md}
