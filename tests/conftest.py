@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,20 @@ def shared_data() -> Path:
     if not SHARED.exists():
         pytest.skip(f"shared corpora not found at {SHARED} (only present on the project's machines)")
     return SHARED
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m lmsprint ARGS`` in a subprocess, on this checkout's sources, output captured."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "lmsprint", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit code 2 and one stderr line, ``error: ...`` containing ``pattern``, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert pattern in lines[0], lines[0]

@@ -1,17 +1,18 @@
 """Command line: argument parsing only; every command calls a library function.
 
-User errors (LmsprintError) print one line and exit with code 2; Ctrl-C exits with 130.
+User errors (LmsprintError, bad arguments) print one line and exit with code 2. A training run stopped by
+SIGINT/SIGTERM checkpoints and exits with 128 + the signal (130, 143); a second signal exits at once (130).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from lmsprint.errors import LmsprintError
-
-COMMANDS = ("train", "prepare", "sample", "schedule", "data")
 
 
 def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
@@ -46,8 +47,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
         return launch(args.nproc, sys.argv[1:])
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
-    if result.interrupted:
-        return 130
+    if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
+        print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
+              file=sys.stderr)
+        return 128 + int(result.stop_signal or 2)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports and samples
+        return 0
     print(f"\nrun: {result.run_dir}")
     if result.val_loss is not None:
         print(f"final validation loss: {result.val_loss:.4f} after {result.step} steps "
@@ -82,6 +87,17 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint sample --help")
+    for flag, value, low in (("--tokens", args.tokens, 0), ("--num", args.num, 1), ("--top-k", args.top_k, 0)):
+        if value < low:
+            raise LmsprintError(f"{flag} must be at least {low}, got {value}")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise LmsprintError(f"--device: unknown device {args.device!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmsprintError(f"--device {args.device} but no CUDA GPU is available here; use --device cpu")
     texts = sample(args.run, prompt=args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed, num_samples=args.num, device=args.device)
     for i, text in enumerate(texts):
@@ -116,10 +132,76 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmsprint.export import export
+
+    if overrides:
+        raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint export --help")
+    out = export(args.run, args.out)
+    print(f"exported to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmsprint.compare import compare
+
+    if overrides:
+        raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint compare --help")
+    png = Path(args.png) if args.png else None
+    print(compare(args.runs, target=args.target, png=png))
+    if png:
+        print(f"\nplot: {png}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmsprint.bench import bench
+
+    if args.data is not None:
+        overrides = [f"--data.source={args.data}", *overrides]
+    out = Path(args.out)
+    result = bench(args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")], overrides=overrides,
+                   out_dir=out, target=None if args.target == "auto" else float(args.target), ablate=args.ablate,
+                   stop_at_target=args.stop_at_target)
+    print(result["table"])
+    print(f"\nreport: {out / 'bench.md'}, plot: {out / 'bench.png'}")
+    return 0
+
+
+def cmd_restarts(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmsprint.config import build_config
+    from lmsprint.restarts import restarts
+
+    if args.data is not None:
+        overrides = [f"--data.source={args.data}", *overrides]
+    cfg = build_config(_recipe_default(args.config, overrides), overrides)
+    gpus: list[int] | None = None
+    if args.gpus != "auto":
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip() and g.strip() != "none"]
+        except ValueError:
+            raise LmsprintError(f"--gpus: expected auto, none or GPU ids like 0,1,2, got {args.gpus!r}") from None
+    result = restarts(cfg, n=args.n, keep=args.keep, probe_steps=args.probe_steps, probe_fraction=args.probe_fraction,
+                      halving=args.halving, out_dir=args.out, gpus=gpus)
+    out = Path(args.out)
+    print("\n" + result.table)
+    print(f"\nwinner: {result.winner_dir or 'none (every run failed)'}")
+    print(f"report: {out / 'restarts.md'}, plot: {out / 'restarts.png'}")
+    return 0 if result.winner is not None else 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with lmsprint's error style: one line, exit code 2 (sub-commands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmsprint import __version__
 
-    parser = argparse.ArgumentParser(prog="lmsprint", description="Train GPT-style language models fast.")
+    parser = _Parser(prog="lmsprint", description="Train GPT-style language models fast.")
     parser.add_argument("--version", action="version", version=f"lmsprint {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -154,6 +236,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="draw the schedule to this PNG")
     p.add_argument("--compare", action="store_true", help="draw cosine, sqrt, linear and wsd decay together")
 
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers model",
+                       description="Write the newest valid checkpoint of a run as a transformers model directory "
+                       "(Llama for rope+rmsnorm+swiglu models, GPT-2 for learned+layernorm+gelu), with its tokenizer.")
+    p.add_argument("run", metavar="RUN_DIR", help="run directory or checkpoint directory")
+    p.add_argument("out", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+
+    p = sub.add_parser("compare", help="compare runs: loss curves and time/tokens to a target loss",
+                       description="Draw the runs' training and validation loss against steps, tokens and training "
+                       "time, and print a Markdown table of time and tokens to a target validation loss.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--target", type=float, help="target validation loss (default: the worst final one)")
+    p.add_argument("--png", default="compare.png", help="where to draw the figure (default: compare.png; '' = none)")
+
+    p = sub.add_parser("bench", help="time to a target validation loss, recipes side by side",
+                       description="Train recipes one after another on the same data and report the wall time "
+                       "(compile and evaluation excluded) each needs to reach a target validation loss.")
+    p.add_argument("data", nargs="?", help="corpus (default: each recipe's data.source)")
+    p.add_argument("--recipes", default="baseline,fast", help="comma-separated recipes; the first is the reference")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, each recipe runs once per seed")
+    p.add_argument("--target", default="auto", help="target loss, or auto: the first recipe's mean final loss")
+    p.add_argument("--ablate", help="also run this recipe with one technique removed at a time")
+    p.add_argument("--stop-at-target", action="store_true", help="end non-reference runs once they reach the target")
+    p.add_argument("--out", default="runs/bench", help="directory for the runs and the report")
+
+    p = sub.add_parser("restarts", help="random restarts: probe several seeds, continue the best",
+                       description="Train --n runs that differ only in --train.seed for a short probe (a prefix of "
+                       "the full --train.steps schedule), rank them by validation loss and continue the best --keep "
+                       "to the full budget. One run per GPU in parallel on several GPUs. Any config field can be set "
+                       "with --section.key=value.")
+    p.add_argument("data", nargs="?", help="corpus (default: the config's data.source)")
+    _add_config_args(p)
+    p.add_argument("--n", type=int, default=8, help="number of seeds (runs), from --train.seed upwards")
+    p.add_argument("--keep", type=int, default=1, help="runs continued to the full budget")
+    p.add_argument("--probe-steps", type=int, help="probe budget in steps")
+    p.add_argument("--probe-fraction", type=float, help="probe budget as a fraction of --train.steps (default 0.1)")
+    p.add_argument("--halving", action="store_true", help="successive halving: halve the survivors at doubling "
+                   "budgets until --keep are left")
+    p.add_argument("--gpus", default="auto", help="GPU ids to run on in parallel (e.g. 0,1,2,3), auto (every GPU "
+                   "when there are several) or none (one after another in this process)")
+    p.add_argument("--out", default="runs/restarts", help="directory for the runs and the summary")
+
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("stats", help="padding waste and tokens per row of every batching strategy")
@@ -167,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "schedule": cmd_schedule,
-                "data": cmd_data}
+                "bench": cmd_bench,
+                "restarts": cmd_restarts,
+                "data": cmd_data, "export": cmd_export, "compare": cmd_compare}
     try:
         if getattr(args, "help_config", False):
             from lmsprint.config import help_lines

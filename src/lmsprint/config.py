@@ -186,6 +186,9 @@ class TrainConfig:
     """Optimizer steps (ignored when epochs is set)."""
     epochs: float | None = None
     """If set, train for this many passes over the training tokens (sets steps)."""
+    stop_at_step: int | None = None
+    """End the run at this step (evaluated and checkpointed) while the schedule still spans the whole run, so
+    --resume continues it exactly as if it had never stopped (random-restart probes use this)."""
     batch_size: int = 16
     """Global batch in rows of seq_len tokens per optimizer step (same for any number of GPUs)."""
     micro_batch_size: int | None = None
@@ -197,6 +200,8 @@ class TrainConfig:
     """auto: bf16 autocast on CUDA, fp32 on CPU. bf16-pure keeps bf16 weights with fp32 optimizer state."""
     compile: bool = False
     """torch.compile the transformer blocks and the loss head."""
+    flex_attention: bool = True
+    """Document masks through FlexAttention on compiled CUDA runs (else SDPA with a dense mask)."""
     seed: int = 1337
     """Seed of the initial weights and the data order."""
     eval_every: int = 100
@@ -462,7 +467,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                hint = f"--{key}=true" if key.split(".")[-1] else f"--{key}=VALUE"
+                section, _, name = key.partition(".")
+                is_bool = section in SECTIONS and _hints(SECTIONS[section]).get(name) is bool
+                hint = f"--{key}=true" if is_bool else f"--{key}=VALUE"
                 raise ConfigError(f"--{key} needs a value, e.g. {hint}")
             value = args[i + 1]
             i += 1
@@ -589,6 +596,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     _check(t.clip_norm >= 0 and t.clip_value >= 0, "--train.clip_norm and --train.clip_value must be >= 0 (0 = off)")
     _check(t.peak_tflops is None or t.peak_tflops > 0, f"--train.peak_tflops must be positive, got {t.peak_tflops}")
+    _check(t.stop_at_step is None or t.stop_at_step > 0,
+           f"--train.stop_at_step must be a positive step (or none), got {t.stop_at_step}")
     if t.run_name is not None:
         _check(t.run_name.strip() != "" and "/" not in t.run_name and t.run_name not in (".", ".."),
                f"--train.run_name must be a plain directory name, got {t.run_name!r}")

@@ -47,3 +47,35 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_restarts(curves: list[tuple[str, list[tuple[int, float]], bool, bool]], out: Path, *,
+                  budgets: list[int] | None = None) -> Path:
+    """Draw every run of a random-restarts sweep to ``out``: validation loss against steps.
+
+    Args:
+        curves: ``(label, [(step, val_loss), ...], continued, winner)`` per run; runs stopped at a probe are
+            dashed, runs continued to the full budget solid, the winner thicker.
+        out: the PNG to write.
+        budgets: the rung budgets, drawn as dotted vertical lines.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for b in budgets or []:
+        ax.axvline(b, color="gray", ls=":", lw=1)
+    for label, curve, continued, winner in curves:
+        if not curve:
+            continue
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, "-" if continued else "--", marker="o", ms=2.5, lw=2.2 if winner else 1.2,
+                alpha=1.0 if continued else 0.6, label=label + (" (winner)" if winner else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("random restarts: probes dashed, continued runs solid")
+    ax.grid(alpha=0.3)
+    if len(curves) <= 16:
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lmsprint.data.batching import RowPlan, TokenStream, epoch_plan, padded_length
 from lmsprint.data.curriculum import SeqLenSchedule
+from lmsprint.errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -63,7 +64,22 @@ def _row_arrays(stream: TokenStream, plan: RowPlan, width: int, pad_id: int) -> 
             targets[i, off : off + len(toks) - 1] = toks[1:]
             positions[i, off : off + n] = np.arange(s, s + n)
             off += n
+    _check_ids(stream, inputs, targets, positions)
     return inputs, targets, positions
+
+
+def _check_ids(stream: TokenStream, inputs: np.ndarray, targets: np.ndarray, positions: np.ndarray) -> None:
+    """Token ids beyond the vocabulary (a damaged shard) would index past the embedding: say which shard."""
+    if not stream.shards or not inputs.size:
+        return
+    vocab = stream.shards[0].header.vocab_size
+    if max(int(inputs.max()), int(targets.max())) < vocab:
+        return
+    where = np.argwhere(inputs >= vocab)
+    pos = int(positions[tuple(where[0])]) if len(where) else int(positions.max())
+    shard = stream.shards[int(np.searchsorted(stream.offsets, pos, side="right")) - 1]
+    raise DataError(f"{shard.path} holds token id {max(int(inputs.max()), int(targets.max()))}, beyond its "
+                    f"vocabulary of {vocab}: the shard is corrupt; re-run `lmsprint prepare`")
 
 
 def segments(doc: np.ndarray | None, shape: tuple[int, int], cut: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -144,6 +144,8 @@ def prepare(
     if workers > 0:
         os.environ["RAYON_NUM_THREADS"] = str(workers)  # tokenizers' thread pool
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a directory; choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"{out_dir} already exists and is not empty; choose another --out or delete it")
     train_src, auto_val = sources.resolve(source, text_docs=text_docs, cache_dir=cache_dir)
@@ -153,8 +155,12 @@ def prepare(
 
     t0 = time.time()
     tok = _make_tokenizer(tokenizer, vocab_size, train_src, progress)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise DataError(f"cannot create {out_dir} ({e.strerror or e}); choose another --out (or "
+                        "--data.cache_dir) or check its permissions") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
@@ -205,8 +211,12 @@ def prepare(
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        if isinstance(e, OSError):  # e.g. a full disk, an unreadable file
+            raise DataError(f"preparing {out_dir} failed ({e.strerror or e}{f': {e.filename}' if e.filename else ''}); "
+                            "free space or fix the file's permissions, then prepare again (nothing was written)") \
+                from None
         raise
     return out_dir
 

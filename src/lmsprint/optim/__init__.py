@@ -110,7 +110,7 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
 
 
 def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, *,
-                    total_steps: int) -> torch.optim.Optimizer:
+                    total_steps: int, data_parallel: bool = False) -> torch.optim.Optimizer:
     """Build the run's optimizer: param groups by the policy, then the optimizer named by ``cfg.name``.
 
     Groups carry ``role`` (matrix, embed, head, scalar), their peak ``lr`` and ``initial_lr`` (the same value,
@@ -123,6 +123,8 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
         named_params: ``model.named_parameters()`` of the unwrapped model.
         cfg: The ``[optim]`` section of the run config.
         total_steps: Optimizer steps of the run.
+        data_parallel: The ranks of the process group hold identical gradients (DDP; FSDP2 parameters are
+            detected): Muon and SOAP spread their whole-matrix work over the ranks (``docs/distributed.md``).
 
     Raises:
         ConfigError: Unknown optimizer or invalid hyperparameter, naming the flag.
@@ -146,7 +148,7 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
         return Lion(groups, impl=cfg.impl, **betas)  # type: ignore[arg-type]
     if name == "soap":
         return SOAP(groups, eps=cfg.eps, precondition_frequency=cfg.precondition_frequency,
-                    max_precond_dim=cfg.max_precond_dim, **betas)
+                    max_precond_dim=cfg.max_precond_dim, data_parallel=data_parallel, **betas)
     if name == "ademamix":
         warmup = {k: total_steps if v is None else v
                   for k, v in (("alpha_warmup", cfg.alpha_warmup), ("beta3_warmup", cfg.beta3_warmup))}
@@ -158,7 +160,7 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
                          momentum_warmup=cfg.momentum_warmup)
         else:
             group.update(eps=cfg.eps, **betas)
-    return MuonWithAuxAdamW(groups, impl=cfg.impl)
+    return MuonWithAuxAdamW(groups, impl=cfg.impl, data_parallel=data_parallel)
 
 
 def _jsonable(value: Any) -> Any:

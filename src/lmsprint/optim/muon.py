@@ -143,12 +143,18 @@ def default_ns_dtype(device: torch.device) -> torch.dtype:
 
 
 def muon_group_step(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], impl: str,
-                    ns_dtype: torch.dtype | None) -> None:
+                    ns_dtype: torch.dtype | None, data_parallel: bool = False) -> None:
     """Update one group of matrices with Muon: lazy state, float32 maths for low-precision params.
 
     ``impl="for"`` orthogonalises matrix by matrix; anything else batches matrices of equal shape.
-    The momentum at a parameter's ``k``-th step (0-based) is ``muon_momentum(k, ...)``.
+    The momentum at a parameter's ``k``-th step (0-based) is ``muon_momentum(k, ...)``. FSDP2 shards, and
+    whole tensors with ``data_parallel`` on several ranks, go to :func:`muon_group_step_distributed`.
     """
+    from lmsprint.distributed import spread_over_ranks
+
+    if spread_over_ranks(group["params"], data_parallel):
+        muon_group_step_distributed(state, group, ns_dtype)
+        return
     buckets: dict[tuple[torch.device, torch.dtype, torch.Size, int], list[Tensor]] = defaultdict(list)
     for p in params_with_grad(group):
         st = state[p]
@@ -166,6 +172,50 @@ def muon_group_step(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], 
              nesterov=group["nesterov"], ns_steps=group["ns_steps"],
              ns_dtype=ns_dtype or default_ns_dtype(device), adjust_lr_fn=group["adjust_lr_fn"])
         write_back(ps, works)
+
+
+def muon_group_step_distributed(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
+                                ns_dtype: torch.dtype | None) -> None:
+    """The same update with the Newton-Schulz work spread over data-parallel ranks.
+
+    Each rank keeps the momentum of its own tensors (whole under DDP, its row shards under FSDP2) and computes
+    the Nesterov blend locally; every matrix is then orthogonalised on one rank and the results sent back
+    (:func:`lmsprint.distributed.map_matrices`: an all-gather under DDP, two all-to-alls under FSDP2). Every
+    rank must call it with the same parameters.
+    """
+    from lmsprint.distributed import local, map_matrices
+
+    params = params_with_grad(group)
+    if not params:
+        return
+    works, blends = [], []
+    for p in params:
+        st = state[p]
+        if not st:
+            st["step"] = 0
+            st["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p))
+        momentum = muon_momentum(st["step"], momentum=group["momentum"], warmup=group["momentum_warmup"])
+        st["step"] += 1
+        dtype = state_dtype(p)
+        mine = local(p)
+        works.append(mine if mine.dtype == dtype else mine.to(dtype))
+        grad, buf = local(p.grad).to(dtype), local(st["momentum_buffer"])  # type: ignore[union-attr]
+        buf.lerp_(grad, 1 - momentum)
+        blends.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+    dtype = ns_dtype or default_ns_dtype(params[0].device)
+
+    def orthogonalise(X: Tensor) -> Tensor:  # (k, rows, cols)
+        scale = muon_scale(X.size(1), X.size(2), group["adjust_lr_fn"])
+        return zeropower_via_newtonschulz5(X, group["ns_steps"], dtype=dtype) * scale
+
+    updates = map_matrices(orthogonalise, blends, params, dtype=dtype)
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    for p, work, update in zip(params, works, updates):
+        work.mul_(1 - lr * weight_decay)
+        work.add_(update.to(work.dtype).view(work.shape), alpha=-lr)
+        mine = local(p)
+        if work is not mine:
+            mine.copy_(work)
 
 
 MUON_DEFAULTS: dict[str, Any] = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
@@ -219,19 +269,21 @@ class Muon(Fp32StateOptimizer):
         adjust_lr_fn: Update scale: ``original`` (reference) or ``match_rms_adamw``.
         impl: ``for`` (matrix by matrix) or ``foreach``/``fused``/``auto`` (matrices of one shape batched).
         ns_dtype: Dtype of the Newton-Schulz iteration; None = bfloat16 on CUDA, float32 elsewhere.
+        data_parallel: Every rank of the process group holds the same gradients (DDP): each matrix is then
+            orthogonalised on one rank and the updates exchanged. FSDP2 (DTensor) parameters always are.
     """
 
-    _attrs = ("impl", "ns_dtype")
+    _attrs = ("impl", "ns_dtype", "data_parallel")
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, momentum_warmup: int = 0,
                  adjust_lr_fn: AdjustLr = "original", *, impl: Impl = "auto",
-                 ns_dtype: torch.dtype | None = None) -> None:
+                 ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         momentum_warmup=momentum_warmup, adjust_lr_fn=adjust_lr_fn)
         check_muon_hparams(defaults)
         check_impl(impl, IMPLS)
-        self.impl, self.ns_dtype = impl, ns_dtype
+        self.impl, self.ns_dtype, self.data_parallel = impl, ns_dtype, data_parallel
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -243,7 +295,8 @@ class Muon(Fp32StateOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
-        return run_step(self, closure, lambda group: muon_group_step(self.state, group, self.impl, self.ns_dtype))
+        return run_step(self, closure, lambda group: muon_group_step(self.state, group, self.impl, self.ns_dtype,
+                                                                     self.data_parallel))
 
 
 class MuonWithAuxAdamW(Fp32StateOptimizer):
@@ -259,14 +312,15 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
         impl: Kernel path: of the AdamW groups (see :class:`~lmsprint.optim.AdamW`) and, ``for`` vs the rest,
             of the Muon groups (see :class:`Muon`).
         ns_dtype: Dtype of the Newton-Schulz iteration; None = bfloat16 on CUDA, float32 elsewhere.
+        data_parallel: As for :class:`Muon` (the AdamW groups are elementwise and need nothing).
     """
 
-    _attrs = ("impl", "ns_dtype")
+    _attrs = ("impl", "ns_dtype", "data_parallel")
 
     def __init__(self, param_groups: Iterable[dict[str, Any]], *, impl: Impl = "auto",
-                 ns_dtype: torch.dtype | None = None) -> None:
+                 ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
         check_impl(impl, IMPLS)
-        self.impl, self.ns_dtype = impl, ns_dtype
+        self.impl, self.ns_dtype, self.data_parallel = impl, ns_dtype, data_parallel
         super().__init__(list(param_groups), {})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -284,7 +338,7 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
 
     def _group_step(self, group: dict[str, Any]) -> None:
         if group["use_muon"]:
-            muon_group_step(self.state, group, self.impl, self.ns_dtype)
+            muon_group_step(self.state, group, self.impl, self.ns_dtype, self.data_parallel)
         else:
             adamw_group_step(self.state, group, self.impl)
 

@@ -41,6 +41,7 @@ from lmsprint.optim.adamw import (
     compute_view,
     params_with_grad,
     run_step,
+    state_dtype,
     write_back,
 )
 
@@ -108,8 +109,10 @@ def soap_refresh_basis(GG: Basis, Q: Basis, exp_avg_sq: Tensor) -> tuple[Basis, 
     return new_Q, exp_avg_sq
 
 
-def soap_init_(state: dict[str, Any], grad: Tensor, *, shampoo_beta: float, max_precond_dim: int) -> None:
-    """First call for a parameter: zero moments, factors accumulated from ``grad``, their eigenbasis."""
+def soap_init_(state: dict[str, Any], grad: Tensor, *, shampoo_beta: float, max_precond_dim: int,
+               eigenbasis: bool = True) -> None:
+    """First call for a parameter: zero moments, factors accumulated from ``grad``, their eigenbasis (left to the
+    caller, ``state["Q"] = soap_eigenbasis(state["GG"])``, when ``eigenbasis`` is False)."""
     state["step"] = 0
     state["exp_avg"] = torch.zeros_like(grad)
     state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -117,13 +120,16 @@ def soap_init_(state: dict[str, Any], grad: Tensor, *, shampoo_beta: float, max_
     state["GG"] = [torch.zeros(d, d, device=grad.device, dtype=grad.dtype)
                    if precondition and d <= max_precond_dim else None for d in grad.shape]
     soap_accumulate_(state["GG"], grad, shampoo_beta)
-    state["Q"] = soap_eigenbasis(state["GG"])
+    state["Q"] = soap_eigenbasis(state["GG"]) if eigenbasis else None
 
 
 def soap_update_(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float, beta1: float, beta2: float,
                  shampoo_beta: float, eps: float, weight_decay: float, precondition_frequency: int,
-                 normalize_grads: bool, correct_bias: bool) -> None:
-    """One SOAP step of an initialised parameter (see the module docstring for the order of operations)."""
+                 normalize_grads: bool, correct_bias: bool, refresh: bool = True) -> None:
+    """One SOAP step of an initialised parameter (see the module docstring for the order of operations).
+
+    With ``refresh=False`` the caller does the eigenbasis refresh that falls due (:func:`soap_refresh_`).
+    """
     Q: Basis = state["Q"]
     grad_rot = soap_project(grad, Q)
     state["step"] += 1
@@ -139,10 +145,16 @@ def soap_update_(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: floa
     if weight_decay > 0:
         param.mul_(1 - lr * weight_decay)
     soap_accumulate_(state["GG"], grad, shampoo_beta)
-    if step % precondition_frequency == 0:
-        exp_avg = soap_project_back(exp_avg, Q)
-        state["Q"], state["exp_avg_sq"] = soap_refresh_basis(state["GG"], Q, exp_avg_sq)
-        state["exp_avg"] = soap_project(exp_avg, state["Q"])
+    if refresh and step % precondition_frequency == 0:
+        soap_refresh_(state)
+
+
+def soap_refresh_(state: dict[str, Any]) -> None:
+    """Refresh the eigenbasis (:func:`soap_refresh_basis`) and move ``exp_avg`` and ``exp_avg_sq`` into it."""
+    Q: Basis = state["Q"]
+    exp_avg = soap_project_back(state["exp_avg"], Q)
+    state["Q"], state["exp_avg_sq"] = soap_refresh_basis(state["GG"], Q, state["exp_avg_sq"])
+    state["exp_avg"] = soap_project(exp_avg, state["Q"])
 
 
 def _check(h: dict[str, Any]) -> None:
@@ -175,17 +187,22 @@ class SOAP(Fp32StateOptimizer):
         max_precond_dim: Dimensions larger than this are not preconditioned (identity basis).
         normalize_grads: Scale each update to unit RMS (helps at large precondition_frequency).
         correct_bias: Use Adam's bias correction.
+        data_parallel: Every rank of the process group holds the same gradients (DDP): each eigenbasis
+            (``eigh`` at the first step, power iteration + QR at each refresh) is then computed on one rank and sent
+            to the others. FSDP2 (DTensor) parameters always take this path, on gathered whole matrices.
     """
+
+    _attrs = ("impl", "data_parallel")
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, normalize_grads: bool = False,
-                 correct_bias: bool = True) -> None:
+                 correct_bias: bool = True, *, data_parallel: bool = False) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         normalize_grads=normalize_grads, correct_bias=correct_bias)
         _check(defaults)
-        self.impl = "for"
+        self.impl, self.data_parallel = "for", data_parallel
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -193,6 +210,11 @@ class SOAP(Fp32StateOptimizer):
         super().add_param_group(param_group)
 
     def _group_step(self, group: dict[str, Any]) -> None:
+        from lmsprint.distributed import spread_over_ranks
+
+        if spread_over_ranks(group["params"], self.data_parallel):
+            self._group_step_distributed(group)
+            return
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
         for p in params_with_grad(group):
@@ -206,6 +228,75 @@ class SOAP(Fp32StateOptimizer):
                          precondition_frequency=group["precondition_frequency"],
                          normalize_grads=group["normalize_grads"], correct_bias=group["correct_bias"])
             write_back([p], [work])
+
+    def _group_step_distributed(self, group: dict[str, Any]) -> None:
+        """The same step over data-parallel ranks: every rank keeps the whole state of every matrix and applies the
+        preconditioner (FSDP2 shards are all-gathered first and only this rank's rows written back), while each
+        eigenbasis that falls due is computed on one rank and all-gathered (:meth:`_spread_bases`)."""
+        from lmsprint.distributed import full, local, local_rows
+
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        due: list[tuple[dict[str, Any], bool]] = []  # (state, refresh: else the initial eigh)
+        for p in params_with_grad(group):
+            state = self.state[p]
+            dtype = state_dtype(p)
+            grad = full(p.grad).to(dtype)  # type: ignore[arg-type]
+            if not state:
+                soap_init_(state, grad, shampoo_beta=shampoo_beta, max_precond_dim=group["max_precond_dim"],
+                           eigenbasis=False)
+                due.append((state, False))
+                continue
+            whole = full(p)
+            work = whole if whole.dtype == dtype else whole.to(dtype)
+            soap_update_(work, grad, state, lr=group["lr"], beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta,
+                         eps=group["eps"], weight_decay=group["weight_decay"],
+                         precondition_frequency=group["precondition_frequency"],
+                         normalize_grads=group["normalize_grads"], correct_bias=group["correct_bias"], refresh=False)
+            if state["step"] % group["precondition_frequency"] == 0:
+                due.append((state, True))
+            if work is not p:
+                local(p).copy_(work[local_rows(p)])
+        self._spread_bases(due)
+
+    @staticmethod
+    def _spread_bases(due: list[tuple[dict[str, Any], bool]]) -> None:
+        """Compute each due eigenbasis on one rank (an initial ``eigh`` or a refresh, which also moves the
+        moments) and all-gather the results, so every rank ends with the same state."""
+        from lmsprint.distributed import assign_owners, get_rank, share_from_owners, world_size
+
+        spread = []
+        for st, refresh in due:
+            if any(gg is not None for gg in st["GG"]):
+                spread.append((st, refresh))
+            elif not refresh:  # identity bases (1-D tensors, over-long sides only): nothing to compute or send
+                st["Q"] = soap_eigenbasis(st["GG"])
+        if not spread:
+            return
+        owners = assign_owners([tuple(st["exp_avg"].shape) for st, _ in spread], world_size())
+        shapes, computed = [], {}
+        for i, (st, refresh) in enumerate(spread):
+            moments = [st["exp_avg_sq"], st["exp_avg"]] if refresh else []
+            shapes.append([tuple(gg.shape) for gg in st["GG"] if gg is not None] + [tuple(m.shape) for m in moments])
+            if owners[i] == get_rank():
+                if refresh:
+                    soap_refresh_(st)
+                else:
+                    st["Q"] = soap_eigenbasis(st["GG"])
+                moments = [st["exp_avg_sq"], st["exp_avg"]] if refresh else []
+                computed[i] = [q for q in st["Q"] if q is not None] + moments
+        wide = any(st["exp_avg"].dtype == torch.float64 for st, _ in spread)
+        shared = share_from_owners(computed, shapes, owners, dtype=torch.float64 if wide else torch.float32,
+                                   device=spread[0][0]["exp_avg"].device)
+        for i, (st, refresh) in enumerate(spread):
+            if owners[i] == get_rank():
+                continue
+            received = iter(shared[i])
+            dtype = st["exp_avg"].dtype
+            st["Q"] = [None if gg is None else next(received).to(dtype, copy=True) for gg in st["GG"]]
+            if refresh:
+                st["exp_avg_sq"] = next(received).to(dtype, copy=True)
+                st["exp_avg"] = next(received).to(dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

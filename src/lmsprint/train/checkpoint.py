@@ -2,9 +2,12 @@
 
 A checkpoint is a directory ``RUN/checkpoints/step_NNNNNNNN/`` holding ``model.safetensors`` (the unwrapped
 model's weights, tied weights once), ``state.pt`` (optimizer, schedule, loader, RNG, scaler and trainer state)
-and ``meta.json`` (step, model shape and a SHA-256 of each file). It is written into a temporary directory,
-every file fsynced, then renamed into place: a checkpoint directory that exists is complete, and a corrupt or
-truncated one is detected by its checksums. The newest ``keep`` checkpoints are kept.
+and ``meta.json`` (step, model shape and a SHA-256 of each file). A sharded (FSDP2) run adds ``dcp/``, the
+model and optimizer shards of every rank in torch.distributed.checkpoint's format (``state.pt`` then holds no
+optimizer, ``model.safetensors`` the consolidated weights); ``meta.json`` covers those files too. It is
+written into a temporary directory, every file fsynced, then renamed into place: a checkpoint directory that
+exists is complete, and a corrupt or truncated one is detected by its checksums. The newest ``keep``
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmsprint.errors import CheckpointError
@@ -49,9 +54,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights for saving: contiguous CPU tensors, a tied head stored once (as the embedding)."""
-    sd = model.state_dict()
+def model_state(model: GPT, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights for saving: contiguous CPU tensors, a tied head stored once (as the embedding).
+
+    ``sd``: the whole state dict when ``model.state_dict()`` would hold shards (gathered from an FSDP2 model).
+    """
+    sd = model.state_dict() if sd is None else dict(sd)
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
@@ -74,40 +82,88 @@ def load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Tensor], state: dict[str, Any],
-                    model_config: GPTConfig, keep: int) -> Path:
-    """Write a checkpoint atomically and prune old ones; returns its directory."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"{PREFIX}{step:08d}"
-    tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+def sharded_temp_dir(ckpt_root: Path, step: int) -> Path:
+    """The temporary directory every rank of a sharded run writes its part of step ``step`` into (a fixed name,
+    so all ranks agree on it; created empty, by one rank, before the others write)."""
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}-sharded"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Tensor], state: dict[str, Any],
+                    model_config: GPTConfig, keep: int, tmp: Path | None = None) -> Path:
+    """Write a checkpoint atomically and prune old ones; returns its directory.
+
+    ``tmp``: a :func:`sharded_temp_dir` already holding the other ranks' files, checksummed and renamed with the rest.
+    """
+    final = ckpt_root / f"{PREFIX}{step:08d}"
+    given = tmp is not None
+    if tmp is None:
+        tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep >= 2:  # what the pruning below would delete goes first: the disk holds keep checkpoints, not keep + 1
+        for old in [p for p in list_checkpoints(ckpt_root) if p.name < final.name][: -(keep - 1)]:
+            _discard(old)
     try:
-        tmp.mkdir()
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if not given:
+            tmp.mkdir()
         save_file(model_sd, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         files = {}
-        for name in ("model.safetensors", "state.pt"):
-            _fsync_file(tmp / name)
-            files[name] = _sha256(tmp / name)
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync_file(f)
+            files[f.relative_to(tmp).as_posix()] = _sha256(f)
+        for d in (p for p in tmp.rglob("*") if p.is_dir()):
+            _fsync_dir(d)
         meta = {"step": step, "files": files, "model_config": asdict(model_config), "time": time.time(),
                 "torch": torch.__version__}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         _fsync_file(tmp / "meta.json")
         _fsync_dir(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: set aside, then replaced
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing checkpoint {final}; free space or lower "
-                                  "--train.keep_checkpoints (earlier checkpoints are intact)") from None
-        raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); check the run "
-                              "directory's permissions and free space (earlier checkpoints are intact)") from None
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a second Ctrl-C, a full disk...: nothing half-written stays
+        if not isinstance(e, (OSError, RuntimeError, SafetensorError)):
+            raise
+        resume = f"then continue with --resume {ckpt_root.parent}"
+        if _disk_full(e, ckpt_root):
+            raise CheckpointError(f"disk full while writing checkpoint {final} (earlier checkpoints are intact); "
+                                  f"free space (or lower --train.keep_checkpoints, if above 1), {resume}") from None
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [e.__class__.__name__])[0]
+        raise CheckpointError(f"could not write checkpoint {final} ({reason}; earlier checkpoints are intact); "
+                              f"check the run directory's permissions and free space, {resume}") from None
+    # checkpoints of later steps are stale (a corrupt one skipped on resume): the run has moved past them
+    for old in [p for p in list_checkpoints(ckpt_root) if p.name > final.name]:
+        _discard(old)
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: first renamed to a temporary name (atomic), so that a process killed while
+    deleting never leaves a half-deleted ``step_*`` directory behind (:func:`clean_partial` finishes the job)."""
+    aside = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a write failed for lack of space (safetensors and torch.save report it in their own words)."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1 << 20  # torch.save: "unexpected pos ..." on a full disk
+    except OSError:
+        return False
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -154,7 +210,10 @@ def latest_valid(ckpt_root: Path, warn: Any = print) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(meta, model weights, state) of a verified checkpoint."""
-    meta = verify(path)
+    try:
+        meta = verify(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; pass the run directory to use its newest valid checkpoint") from None
     try:
         weights = load_file(str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -169,7 +228,11 @@ def find_weights(path: Path) -> Path:
     if (path / "meta.json").exists() and (path / "model.safetensors").exists():
         return path
     root = path / "checkpoints" if (path / "checkpoints").exists() else path
-    found = latest_valid(root)
+    skipped: list[str] = []
+    found = latest_valid(root, warn=skipped.append)
     if found is None:
-        raise CheckpointError(f"no valid checkpoint under {path}; pass a run directory that has trained")
+        why = f" ({len(skipped)} fail their checksums)" if skipped else ""
+        raise CheckpointError(f"no valid checkpoint under {path}{why}; pass a run directory that has trained")
+    for warning in skipped:
+        print(warning, file=sys.stderr)
     return found

@@ -8,11 +8,15 @@ when the guard is off, except on log steps).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import random
+import shutil
 import signal
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -28,6 +32,7 @@ from lmsprint.data.batching import TokenStream, epoch_plan
 from lmsprint.data.curriculum import SeqLenSchedule
 from lmsprint.data.loader import Loader, MicroBatch, StepBatch, eval_batches
 from lmsprint.data.prepare import PreparedData, prepared_data
+from lmsprint.data.tokenizer import load_tokenizer
 from lmsprint.errors import CheckpointError, ConfigError, LmsprintError
 from lmsprint.model import GPT, resolve_model_config
 from lmsprint.model.layers import flex_available
@@ -42,6 +47,10 @@ class TrainingDiverged(LmsprintError):
     """The guard rolled back more often than allowed."""
 
 
+class GPUOutOfMemory(LmsprintError):
+    """The GPU ran out of memory; the message names the micro-batch that fits."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -54,6 +63,8 @@ class TrainResult:
     train_time: float = 0.0
     compile_time: float = 0.0
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    stop_signal: int | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the run early, if one did."""
 
 
 class Callback:
@@ -71,19 +82,82 @@ class Callback:
         return False
 
 
+def precision_unsupported(precision: str, device: torch.device) -> str | None:
+    """Why ``precision`` cannot run on ``device`` with this torch build, or None when it can.
+
+    Probed rather than assumed: torch disables autocast with a warning for a dtype a device lacks, and
+    GradScaler disables itself on a device it does not support (torch 2.13's CPU supports all four modes).
+    """
+    if precision not in ("bf16", "fp16", "bf16-pure"):
+        return None
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if precision in ("bf16", "fp16"):
+            if not torch.amp.is_autocast_available(device.type):
+                return f"torch {torch.__version__} has no autocast on {device.type}"
+            with torch.autocast(device.type, dtype=dtype):
+                pass
+            if caught:
+                return f"autocast on {device.type} does not support {dtype}"
+        if precision == "fp16" and not torch.amp.GradScaler(device.type).is_enabled():
+            return f"torch.amp.GradScaler does not run on {device.type}"
+    try:
+        torch.ones(2, dtype=dtype, device=device).sum()
+    except RuntimeError:
+        return f"{device.type} has no {dtype} tensors"
+    return None
+
+
 def resolve_precision(precision: str, device: torch.device, warn: Callable[[str], None]) -> str:
+    """The precision a run uses: ``auto`` resolved, and an unsupported mode replaced (with one warning)."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if device.type == "cuda" and precision in ("bf16", "bf16-pure") and not torch.cuda.is_bf16_supported():
         warn(f"warning: this GPU has no bf16; using fp16 with loss scaling instead of {precision}")
-        return "fp16"
+        precision = "fp16"
+    reason = precision_unsupported(precision, device)
+    if reason is not None:
+        warn(f"warning: --train.precision={precision} is not available here ({reason}); training in fp32")
+        return "fp32"
     return precision
+
+
+def suggest_micro_batch(bytes_per_row: float, fixed_bytes: float, total_bytes: float, batch_rows: int, *,
+                        current: int | None = None, margin: float = 0.9) -> tuple[int, int]:
+    """How many rows fit on a GPU, and the micro-batch to use: (rows, micro-batch; 0 when not even one fits).
+
+    Args:
+        bytes_per_row: memory one more row of the micro-batch takes (activations), measured.
+        fixed_bytes: memory that does not grow with the micro-batch (weights, gradients, optimizer state).
+        total_bytes: memory the process can use.
+        batch_rows: rows per optimizer step on this GPU; the micro-batch must divide it.
+        current: the micro-batch that ran out of memory; the suggestion is smaller.
+        margin: fraction of ``total_bytes`` to plan for (the allocator's fragmentation, workspaces).
+    """
+    usable = total_bytes * margin - fixed_bytes
+    if math.isinf(bytes_per_row) or usable <= 0:
+        rows = 0 if math.isinf(fixed_bytes) or usable <= 0 else 1
+    else:
+        rows = int(usable // bytes_per_row) if bytes_per_row > 0 else batch_rows
+    limit = min(rows, batch_rows, current - 1 if current else batch_rows)
+    micro = max((m for m in range(1, limit + 1) if batch_rows % m == 0), default=0)
+    return rows, micro
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision in ("bf16", "fp16"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def _end_last_line(path: Path) -> None:
+    """End a metrics file cut short mid-line by a crash, so the next record starts on a line of its own."""
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -107,7 +181,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.dist = D.setup(cfg.train.device)
         self.device = self.dist.device
-        self.run_dir = run_dir
+        self.run_dir = Path(str(D.broadcast_object(str(run_dir))))  # ranks may have stamped different auto names
         self.ckpt_root = run_dir / "checkpoints"
         t, d = cfg.train, cfg.data
         self._prepare_run_dir(resume)
@@ -115,6 +189,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left
             torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.reset_peak_memory_stats(self.device)  # mem_gb is this run's peak, not an earlier run's
 
         # data: rank 0 prepares (once, cached), the others wait and open it
         self.data = self._open_data()
@@ -135,20 +210,23 @@ class Trainer:
         model = GPT(self.gpt_config).to(self.device)
         model.init_weights(seed=t.seed)
         # FlexAttention needs torch.compile to be fast; without it document masks go through SDPA's dense mask
-        model.use_flex = self.device.type == "cuda" and t.compile and flex_available()
+        model.use_flex = self.device.type == "cuda" and t.compile and t.flex_attention and flex_available()
         if self.precision == "bf16-pure":
             model.to(torch.bfloat16)
         self.model = model  # unwrapped: what is saved, sampled and exported
         if t.compile:
-            model.compile_blocks()
-        self.wrapped = D.wrap_model(model, cfg.dist.strategy, self.dist,
-                                    param_dtype=torch.bfloat16 if self.precision == "bf16" else None)
+            model.compile_blocks()  # per-block compile before DDP/FSDP wrapping (torchtitan's order)
+        # FSDP2 + bf16: bf16 all-gathered weights, fp32 gradient reduction and no autocast (see D.mixed_precision)
+        param_dtype, self.amp = D.mixed_precision(cfg.dist.strategy, self.precision, self.dist.world)
+        self.wrapped = D.wrap_model(model, cfg.dist.strategy, self.dist, param_dtype=param_dtype)
+        self.sharded = cfg.dist.strategy == "fsdp" and self.dist.world > 1  # DTensor parameters, DCP checkpoints
 
         # optimizer, schedule, loss scaling
-        self.optimizer = build_optimizer(model.named_parameters(), cfg.optim, total_steps=self.total_steps)
+        self.optimizer = build_optimizer(model.named_parameters(), cfg.optim, total_steps=self.total_steps,
+                                         data_parallel=self.dist.world > 1)
         self.scheduler = build_schedule(self.optimizer, cfg.schedule, total_steps=self.total_steps,
                                         peak_lr=cfg.optim.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.scaler = D.grad_scaler(self.device, self.sharded) if self.precision == "fp16" else None
 
         # batches
         curriculum = None
@@ -177,6 +255,8 @@ class Trainer:
         self._stop_signal: int | None = None
         if resume:
             self._resume()
+            if self.dist.is_main:
+                self._write_config()  # overrides of the resume (e.g. more --train.steps) become the run's config
 
     # ------------------------------------------------------------------------------------------------------
     # setup helpers
@@ -189,19 +269,28 @@ class Trainer:
         if resume:
             if not (self.run_dir / "config.toml").exists():
                 raise CheckpointError(f"no run to resume at {self.run_dir}; start it without --resume")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+        elif self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
             raise ConfigError(f"run directory {self.run_dir} already exists; pass --resume to continue it or choose "
                               "another --train.run_name")
         D.barrier()
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_partial(self.ckpt_root)
-            tmp = self.run_dir / "config.toml.tmp"
-            tmp.write_text(to_toml(self.cfg))
-            os.replace(tmp, self.run_dir / "config.toml")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                ckpt.clean_partial(self.ckpt_root)
+                if not resume:  # a resumed run's config is rewritten only once its checkpoint has loaded
+                    self._write_config()
+                _end_last_line(self.run_dir / "metrics.jsonl")
+            except OSError as e:
+                raise ConfigError(f"cannot write the run directory {self.run_dir} ({e.strerror or e}); choose "
+                                  "another --train.out_dir or check its permissions and free space") from None
         D.barrier()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", tensorboard=self.cfg.log.tensorboard) \
             if self.dist.is_main else None
+
+    def _write_config(self) -> None:
+        tmp = self.run_dir / "config.toml.tmp"
+        tmp.write_text(to_toml(self.cfg))
+        os.replace(tmp, self.run_dir / "config.toml")
 
     def _open_data(self) -> PreparedData:
         d = self.cfg.data
@@ -218,7 +307,15 @@ class Trainer:
             data = open_it()
         if self.dist.is_main:
             tok_path = self.run_dir / "tokenizer.json"
-            data.tokenizer.save(tok_path)
+            if tok_path.exists():  # resuming: the data must still be read with the run's tokenizer
+                if load_tokenizer(tok_path).sha != data.tokenizer.sha:
+                    raise CheckpointError(f"the data {d.source!r} is tokenized with another tokenizer than the run "
+                                          f"at {self.run_dir} was trained with; resume with the run's data settings "
+                                          f"(--data.source/--data.tokenizer, or --data.tokenizer={tok_path})")
+            else:
+                tmp = tok_path.with_name("tokenizer.json.tmp")
+                data.tokenizer.save(tmp)
+                os.replace(tmp, tok_path)
         return data
 
     def _total_steps(self) -> int:
@@ -234,7 +331,7 @@ class Trainer:
 
     def _state(self, loader_state: dict[str, int]) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),  # FSDP: in the DCP shards
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loader": loader_state,
@@ -247,12 +344,22 @@ class Trainer:
         }
 
     def save(self, loader_state: dict[str, int]) -> Path | None:
-        """Checkpoint the current step (rank 0 writes; every rank waits for it)."""
-        path = None
+        """Checkpoint the current step (rank 0 writes; every rank waits for it).
+
+        FSDP: first every rank writes its model and optimizer shards (torch.distributed.checkpoint) into the
+        temporary directory and the whole weights are gathered to rank 0, which completes and renames it.
+        """
+        path = tmp = None
+        full_sd = None
+        if self.sharded:
+            tmp = ckpt.sharded_temp_dir(self.ckpt_root, self.step) if self.dist.is_main else None
+            tmp = Path(str(D.broadcast_object(str(tmp))))
+            D.save_sharded(self.model, self.optimizer, tmp / "dcp")
+            full_sd = D.full_model_state(self.model)  # collective: rank 0 gets the whole weights on its CPU
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.ckpt_root, self.step, model_sd=ckpt.model_state(self.model),
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, model_sd=ckpt.model_state(self.model, full_sd),
                                         state=self._state(loader_state), model_config=self.gpt_config,
-                                        keep=self.cfg.train.keep_checkpoints)
+                                        keep=self.cfg.train.keep_checkpoints, tmp=tmp)
         D.barrier()
         return path
 
@@ -261,8 +368,13 @@ class Trainer:
         if meta["model_config"] != asdict(self.gpt_config):
             raise CheckpointError(f"checkpoint {path} holds a different model shape than the run's config; resume "
                                   "with the settings the run was started with")
-        ckpt.load_model_state(self.model, {k: v.to(self.device) for k, v in weights.items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (path / "dcp").is_dir():  # saved by FSDP: DCP reshards to this run's world size and strategy
+            D.load_sharded(self.model, self.optimizer, path / "dcp")
+        elif self.sharded:  # one whole copy (one process / DDP) into an FSDP run: each rank keeps its rows
+            D.load_full(self.model, self.optimizer, weights, state["optimizer"])
+        else:
+            ckpt.load_model_state(self.model, {k: v.to(self.device) for k, v in weights.items()})
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -290,11 +402,24 @@ class Trainer:
                 group["initial_lr"] *= factor
             self.scheduler.load_state_dict(self.scheduler.state_dict())  # re-applies the lr of the current step
 
+    def _latest_checkpoint(self) -> Path | None:
+        """The newest valid checkpoint, as rank 0 finds it (one rank reads the checksums; all load the same one)."""
+        path = ckpt.latest_valid(self.ckpt_root, warn=self.log_line) if self.dist.is_main else None
+        found = D.broadcast_object(None if path is None else str(path))
+        return None if found is None else Path(str(found))
+
     def _resume(self) -> None:
-        path = ckpt.latest_valid(self.ckpt_root, warn=self.log_line)
+        path = self._latest_checkpoint()
+        if path is None and not ckpt.list_checkpoints(self.ckpt_root):
+            # stopped before its first checkpoint: nothing was kept, so the run starts again, exactly as it began
+            self.log_line(f"no checkpoint in {self.ckpt_root} yet; training from step 0")
+            if self.metrics:
+                self.metrics.write("event", event="resume", step=0, checkpoint="")
+            return
         if path is None:
-            raise CheckpointError(f"no valid checkpoint in {self.ckpt_root} to resume from; start the run again "
-                                  "without --resume (in a new directory)")
+            raise CheckpointError(f"no valid checkpoint in {self.ckpt_root} to resume from (every one fails its "
+                                  f"checksum); delete {self.ckpt_root} to train this run again from step 0, or "
+                                  "start a new run")
         self._load(path, rollback=False)
         self.log_line(f"resumed from {path} at step {self.step}")
         if self.metrics:
@@ -307,11 +432,16 @@ class Trainer:
             raise TrainingDiverged(f"training diverged: more than {g.max_rollbacks} rollbacks; lower --optim.lr, "
                                    "enable --train.clip_norm or raise --guard.max_rollbacks")
         self.lr_scale *= g.rollback_lr_factor
-        path = ckpt.latest_valid(self.ckpt_root, warn=self.log_line)
+        path = self._latest_checkpoint()
         if path is not None:
             self._load(path, rollback=True)
         else:  # nothing saved yet: back to the initial state
-            self.model.init_weights(seed=self.cfg.train.seed)
+            if self.sharded:  # initialise a whole copy as at the start, then keep this rank's rows
+                fresh = GPT(self.gpt_config).to(self.device)
+                fresh.init_weights(seed=self.cfg.train.seed)
+                D.load_full(self.model, None, fresh.to(self.model.lm_head.weight.dtype).state_dict(), None)
+            else:
+                self.model.init_weights(seed=self.cfg.train.seed)
             if self.precision == "bf16-pure":
                 self.model.to(torch.bfloat16)
             self.optimizer.state.clear()
@@ -319,6 +449,9 @@ class Trainer:
             self._rescale_lr(g.rollback_lr_factor)
             self.loader.load_state_dict({"epoch": 0, "pos": 0, "seed": self.loader.seed})
             self.step, self.tokens_seen = 0, 0
+            self.val_history = []
+            # the moving average describes the trained model: judged against it, the initial loss is a "spike"
+            self.guard.ema, self.guard.seen = None, 0
         if g.rollback_reseed:
             self.loader.reseed(self.cfg.train.seed + 1000 * self.guard.rollbacks)
         message = (f"rollback #{self.guard.rollbacks} to step {self.step} ({path or 'initial weights'}); lr scale "
@@ -342,7 +475,7 @@ class Trainer:
         n = len(batch.micro)
         for i, mb in enumerate(batch.micro):
             with D.no_grad_sync(self.wrapped, self.cfg.dist.strategy, enabled=i < n - 1):
-                with _autocast(self.precision, self.device):
+                with _autocast(self.amp, self.device):
                     loss_sum = self.wrapped(mb.inputs, mb.targets, pos=mb.pos, doc_ids=mb.doc_ids, reduction="sum")
                 loss = loss_sum.float() * scale
                 for cb in self.callbacks:
@@ -371,7 +504,7 @@ class Trainer:
         with torch.no_grad():
             for mb in self.eval_set:
                 mb = mb.to(self.device)
-                with _autocast(self.precision, self.device):
+                with _autocast(self.amp, self.device):
                     loss = self.wrapped(mb.inputs, mb.targets, pos=mb.pos, doc_ids=mb.doc_ids, reduction="sum")
                 total[0] += loss.double()
                 total[1] += (mb.targets != -100).sum()
@@ -399,7 +532,10 @@ class Trainer:
                 signal.signal(signum, signal.SIG_DFL)
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            self.log_line("stopping: checkpointing at the end of this step (signal again to stop at once)")
+            if self.dist.is_main:  # os.write: print() may be mid-write to the same stream (a reentrant-call error)
+                with contextlib.suppress(OSError, ValueError):
+                    os.write(sys.stderr.fileno(), b"stopping: checkpointing at the end of this step "
+                                                  b"(signal again to stop at once)\n")
 
         try:
             for s in previous:
@@ -417,6 +553,90 @@ class Trainer:
     # the loop
 
     def run(self) -> TrainResult:
+        """Train to the end (or to a stop signal, or --train.stop_at_step).
+
+        Out of GPU memory, the cost of a training row is measured and :class:`GPUOutOfMemory` raised, naming the
+        --train.micro_batch_size that fits.
+        """
+        try:
+            return self._run()
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+        # outside the except block: the traceback, and the activations its frames hold, are released
+        raise self._oom_error() from None
+
+    def _oom_error(self) -> GPUOutOfMemory:
+        d, t = self.cfg.data, self.cfg.train
+        per_rank = t.batch_size // self.dist.world
+        where = (f"out of GPU memory at --train.micro_batch_size={self.micro_rows} (--data.seq_len={d.seq_len}, "
+                 f"{self.precision})")
+        again = f", then continue with --resume {self.run_dir}" if ckpt.list_checkpoints(self.ckpt_root) else ""
+        if self.dist.world > 1:  # measuring would take every rank's collectives: no estimate
+            return GPUOutOfMemory(f"{where}; lower --train.micro_batch_size (a divisor of the per-GPU batch of "
+                                  f"{per_rank}) or --data.seq_len{again}")
+        fixed, per_row = self._measure_memory()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = free + torch.cuda.memory_reserved(self.device)  # what this process can have (others' use aside)
+        rows, micro = suggest_micro_batch(per_row, fixed, budget, per_rank, current=self.micro_rows)
+        gib = f"{budget / 2**30:.0f} GiB"
+        if micro == 0:
+            return GPUOutOfMemory(f"{where}; not even one row fits in the {gib} this GPU has free; lower "
+                                  f"--data.seq_len or use a smaller model (--model.preset){again}")
+        return GPUOutOfMemory(f"{where}; about {rows} rows fit in the {gib} this GPU has free: use "
+                              f"--train.micro_batch_size={micro} (a divisor of --train.batch_size={per_rank}; "
+                              f"gradient accumulation keeps the batch) or lower --data.seq_len{again}")
+
+    def _measure_memory(self) -> tuple[float, float]:
+        """(fixed bytes, bytes per row) of a training step: peak memory at micro-batches of 1 and 2 rows.
+
+        Eager and without FlexAttention (compiled code needs less, so the estimate errs on the safe side); the
+        weights are updated, so this runs only when the run is ending anyway. (inf, inf): one row does not fit.
+        """
+        seq_len, vocab = self.cfg.data.seq_len, self.data.tokenizer.vocab_size
+        self.model.use_flex = False
+        self.model.train()
+
+        def peak(rows: int, update: bool = False) -> int | None:
+            """Peak bytes of a forward+backward of ``rows`` rows (gradients accumulate, held as in a step) and,
+            with ``update``, an optimizer step (the first allocates the optimizer state); None: out of memory."""
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            oom = False
+            try:
+                with torch.compiler.set_stance("force_eager"):
+                    if rows:
+                        x = torch.randint(vocab, (rows, seq_len), device=self.device)
+                        with _autocast(self.amp, self.device):
+                            loss = self.model(x, x, reduction="sum")
+                        loss.float().backward()
+                        del loss, x
+                    if update:
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, zeroed
+            except torch.cuda.OutOfMemoryError:
+                oom = True
+            return None if oom else torch.cuda.max_memory_allocated(self.device)
+
+        inf = float("inf")
+        self.optimizer.zero_grad(set_to_none=True)
+        if peak(1, update=True) is None:  # one row and the optimizer state do not fit
+            return inf, inf
+        one, two = peak(1), peak(2)
+        update = peak(0, update=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        if one is None:
+            return inf, inf
+        if two is None:  # one row fits, two do not
+            return float(one), inf
+        per_row = float(max(two - one, 1))
+        fixed = one - per_row
+        if update is not None:  # the optimizer step's temporaries may be the peak: then no row is added to it
+            fixed = max(fixed, update - per_row)
+        return fixed, per_row
+
+    def _run(self) -> TrainResult:
         t, cfg = self.cfg.train, self.cfg
         is_main = self.dist.is_main
         if is_main and self.metrics:
@@ -438,6 +658,7 @@ class Trainer:
         last_loss: float | None = None
         val_loss: float | None = self.val_history[-1][1] if self.val_history else None
         log_time, log_tokens, log_slots = 0.0, 0, 0
+        first_step = self.step
         self._sync()
         t_mark = time.perf_counter()
         try:
@@ -455,12 +676,17 @@ class Trainer:
                 log_now = (step + 1) % t.log_every == 0 or step + 1 == self.total_steps
                 decision = "ok"
                 loss_value = norm_value = float("nan")
+                stop_votes = 0.0  # ranks that caught a stop signal: all ranks stop at the same step
                 if cfg.guard.enabled or log_now:
-                    stats = D.all_reduce_sum(torch.stack([loss.float(), norm.float()]) *
-                                             torch.tensor([1.0, 1.0 / self.dist.world], device=self.device))
-                    loss_value, norm_value = stats.tolist()  # host sync: once per step with the guard on
+                    signalled = torch.full((), float(self._stop_signal is not None), device=self.device)
+                    stats = D.all_reduce_sum(torch.stack([loss.float(), norm.float(), signalled]) *
+                                             torch.tensor([1.0, 1.0 / self.dist.world, 1.0], device=self.device))
+                    # host sync: once per step with the guard on; every rank gets the same values and decisions
+                    loss_value, norm_value, stop_votes = stats.tolist()
                     if cfg.guard.enabled:
                         decision = self.guard.check(loss_value, norm_value, overflow_expected=self.scaler is not None)
+                if self.scaler is not None and decision != "ok":
+                    self.scaler.update()  # closes the step _clip unscaled (the next unscale_ would raise otherwise)
                 if decision == "rollback":
                     self.optimizer.zero_grad(set_to_none=True)
                     self._rollback()
@@ -470,8 +696,11 @@ class Trainer:
                     continue
                 if decision == "ok":
                     if self.scaler is not None:
-                        self.scaler.step(self.optimizer)
+                        self.scaler.step(self.optimizer)  # skips the update if the unscaled gradients overflowed
                         self.scaler.update()
+                        if (cfg.guard.enabled or log_now) and not math.isfinite(norm_value) and self.metrics:
+                            self.metrics.write("event", event="overflow", step=step,
+                                               loss_scale=self.scaler.get_scale())
                     else:
                         self.optimizer.step()
                 else:
@@ -482,6 +711,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
+                if self.step == first_step + 1 and self.metrics:  # launch-to-first-step is measured from this
+                    self._sync()
+                    self.metrics.write("event", event="first_step", step=self.step, wall=time.time())
                 self.tokens_seen += batch.n_tokens
                 log_tokens += batch.n_tokens
                 log_slots += sum(mb.inputs.numel() for mb in batch.micro) * self.dist.world
@@ -489,7 +721,8 @@ class Trainer:
                 if math.isfinite(loss_value):
                     last_loss = loss_value
 
-                end = self.step == self.total_steps
+                # stop_at_step ends the run early (evaluated and checkpointed) on a schedule over total_steps
+                end = self.step == self.total_steps or self.step == t.stop_at_step
                 if log_now:
                     self._sync()
                     now = time.perf_counter()
@@ -526,7 +759,10 @@ class Trainer:
                     if any(cb.on_eval(self.step, val_loss) for cb in self.callbacks):
                         end = True
                     t_mark = time.perf_counter()
-                stop = self._stop_signal is not None
+                # several processes stop only on a step whose stats were all-reduced (every step with the guard on)
+                stop = self._stop_signal is not None if self.dist.world == 1 else stop_votes > 0
+                if stop and self._stop_signal is None:
+                    self._stop_signal = signal.SIGTERM  # another rank was signalled
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or end or stop:
                     self._sync()
                     log_time += time.perf_counter() - t_mark
@@ -535,6 +771,10 @@ class Trainer:
                     t_mark = time.perf_counter()
                 bar.update(1)
                 if end:
+                    if self.step < self.total_steps:
+                        self.log_line(f"stopped at step {self.step} of {self.total_steps}; --resume continues it")
+                        if self.metrics:
+                            self.metrics.write("event", event="stopped", step=self.step)
                     break
                 if stop:
                     self.log_line(f"stopped by signal at step {self.step}; resume with --resume")
@@ -559,7 +799,7 @@ class Trainer:
                 plot_run(self.run_dir)
         return TrainResult(self.run_dir, self.step, last_loss, val_loss, self._stop_signal is not None,
                            self.guard.bad_total, self.guard.rollbacks, self.train_time, self.compile_time,
-                           list(self.val_history))
+                           list(self.val_history), self._stop_signal)
 
     def _main_lr(self) -> float:
         for group in self.optimizer.param_groups:
@@ -573,9 +813,24 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
     """Train a run from a config (the Python form of ``lmsprint train``)."""
     validate(cfg)
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks)
+    existed = path.exists()
+    fresh = not resume and not (path.is_dir() and any(path.iterdir()))
+    created = path  # the outermost directory this run creates (runs/ too, the first time)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    trainer = None
     try:
+        trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks)
         return trainer.run()
+    except BaseException as e:
+        # a run that fails to start (bad corpus, a micro-batch the GPU cannot hold, Ctrl-C while preparing data)
+        # leaves no run directory behind; one that trained keeps its metrics and checkpoints
+        started = trainer is not None and (not isinstance(e, GPUOutOfMemory) or trainer.ckpt_root.exists())
+        if fresh and not started and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(path if existed else created, ignore_errors=True)
+            if existed:
+                path.mkdir(exist_ok=True)
+        raise
     finally:
         D.teardown()
 

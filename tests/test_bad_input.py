@@ -1,0 +1,375 @@
+"""The bad-input inventory (docs/errors.md): every case runs the CLI and must fail cleanly.
+
+Clean means: exit code 2, one stderr line ``error: ...`` that names the problem and the fix, no traceback, and
+nothing half-written: the case's directory (its inputs, its runs, its data cache) is as it was, except for
+complete prepared-data cache entries. The cases run two at a time in subprocesses (each has its own
+directory and cache), once per session.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import shutil
+import struct
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import assert_clean_error, make_docs, run_cli, tiny_config
+
+from lmsprint.config import ModelConfig
+from lmsprint.data.prepare import prepare
+from lmsprint.data.tokenizer import train_bpe
+from lmsprint.errors import CheckpointError
+from lmsprint.model import resolve_model_config
+from lmsprint.train import checkpoint as ckpt
+from lmsprint.train.trainer import train
+
+TINY = ("--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2", "--train.steps=2",
+        "--train.device=cpu", "--data.seq_len=16", "--train.batch_size=2", "--log.progress=false",
+        "--log.plot=false", "--sample=0")
+CPU_ONLY = not torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]
+    expect: str  # a piece of the one error line
+    setup: Callable[[Path, Path], None] | None = None  # (case dir, shared assets dir)
+    cpu_only: bool = False  # only a failure where there is no GPU
+
+
+def _write(name: str, data: str | bytes) -> Callable[[Path, Path], None]:
+    def setup(d: Path, assets: Path) -> None:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return setup
+
+
+def _copy(*names: str, then: Callable[[Path], None] | None = None) -> Callable[[Path, Path], None]:
+    def setup(d: Path, assets: Path) -> None:
+        for name in names:
+            src = assets / name
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, d / name)
+        if then is not None:
+            then(d)
+    return setup
+
+
+def _patch_shard(name: str, patch: Callable[[bytearray], None]) -> Callable[[Path], None]:
+    def then(d: Path) -> None:
+        path = d / "prep" / name
+        raw = bytearray(path.read_bytes())
+        patch(raw)
+        path.write_bytes(bytes(raw))
+    return then
+
+
+def _other_tokenizer(d: Path) -> None:
+    train_bpe(iter(make_docs(50)), vocab_size=300).save(d / "prep" / "tokenizer.json")
+
+
+def _corrupt_all_checkpoints(d: Path) -> None:
+    for path in ckpt.list_checkpoints(d / "runs" / "good" / "checkpoints"):
+        raw = bytearray((path / "state.pt").read_bytes())
+        raw[10] ^= 0xFF
+        (path / "state.pt").write_bytes(bytes(raw))
+
+
+def _tokenizer_without_eot(d: Path, assets: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(d / "noeot.json"))
+
+
+def _set_token(offset: int, value: int) -> Callable[[bytearray], None]:
+    def patch(raw: bytearray) -> None:
+        raw[256 + 2 * offset : 256 + 2 * offset + 2] = value.to_bytes(2, "little")
+    return patch
+
+
+def _set_vocab(raw: bytearray) -> None:
+    raw[32:40] = struct.pack("<Q", 70_000)  # uint16 tokens cannot hold a 70,000-id vocabulary
+
+
+def _truncate(raw: bytearray) -> None:
+    del raw[1000:]
+
+
+CASES = [
+    # corpus files
+    Case("missing-file", ("train", "nope.txt", *TINY), "data source 'nope.txt' not found"),
+    Case("empty-file", ("train", "empty.txt", *TINY), "is empty", _write("empty.txt", "")),
+    Case("binary-file", ("train", "blob.txt", *TINY), "looks binary", _write("blob.txt", bytes(range(256)) * 8)),
+    Case("non-utf8-text", ("train", "latin.txt", *TINY), "is not UTF-8 text",
+         _write("latin.txt", "café\n\nmore text".encode("latin-1"))),
+    Case("jsonl-without-text", ("train", "c.jsonl", *TINY), "line 1 has no 'text' string field",
+         _write("c.jsonl", '{"body": "x"}\n')),
+    Case("directory-without-usable-files", ("train", "folder", *TINY), "holds no .txt, .jsonl or .parquet files",
+         _write("folder/notes.csv", "a,b\n")),
+    # prepared shards and tokenizers
+    Case("shards-from-another-tokenizer", ("train", "prep", *TINY), "was made with a different tokenizer",
+         _copy("prep", then=_other_tokenizer)),
+    Case("shard-vocab-beyond-its-dtype", ("train", "prep", *TINY), "has a corrupt header (dtype 2 bytes, vocab 70000",
+         _copy("prep", then=_patch_shard("train-00000.bin", _set_vocab))),
+    Case("shard-token-beyond-vocab", ("train", "prep", *TINY), "holds token id 300, beyond its vocabulary of 257",
+         _copy("prep", then=_patch_shard("val-00000.bin", _set_token(5, 300)))),
+    # config values and flags
+    Case("unknown-preset", ("train", "c.jsonl", *TINY, "--model.preset=gigantic"), "unknown preset 'gigantic'"),
+    Case("unknown-optimizer", ("train", "c.jsonl", *TINY, "--optim.name=sgdx"), "unknown optimizer 'sgdx'"),
+    Case("unknown-schedule", ("train", "c.jsonl", *TINY, "--schedule.name=exponential"),
+         "--schedule.name: 'exponential' is not one of"),
+    Case("negative-learning-rate", ("train", "c.jsonl", *TINY, "--optim.lr=-1e-3"), "--optim.lr must be a positive"),
+    Case("zero-learning-rate", ("train", "c.jsonl", *TINY, "--optim.lr=0"), "--optim.lr must be a positive"),
+    Case("batch-not-divisible-by-micro-batch", ("train", "c.jsonl", *TINY, "--train.batch_size=6",
+                                                "--train.micro_batch_size=4"), "is not divisible by"),
+    Case("unknown-config-key", ("train", "c.jsonl", *TINY, "--train.nonsense=1"),
+         "unknown config key 'train.nonsense'"),
+    Case("invalid-integer", ("train", "c.jsonl", *TINY, "--train.steps=ten"), "--train.steps: expected an integer"),
+    Case("override-without-value", ("train", "c.jsonl", *TINY, "--optim.lr"), "--optim.lr needs a value"),
+    Case("bad-command-line-argument", ("train", "c.jsonl", "--nproc=two"), "argument --nproc: invalid int value"),
+    Case("unknown-recipe", ("train", "c.jsonl", "--config", "nosuch"), "config 'nosuch' not found"),
+    Case("bad-toml", ("train", "c.jsonl", "--config", "bad.toml"), "not valid TOML", _write("bad.toml", "[train\nx=")),
+    Case("cuda-on-a-cpu-machine", ("train", "c.jsonl", *TINY, "--train.device=cuda"), "no CUDA GPU", cpu_only=True),
+    # run directories and checkpoints
+    Case("run-directory-exists", ("train", "corpus.jsonl", *TINY, "--train.run_name=good"), "already exists",
+         _copy("corpus.jsonl", "runs")),
+    Case("out-dir-is-a-file", ("train", "corpus.jsonl", *TINY, "--train.out_dir=afile"),
+         "cannot write the run directory", lambda d, a: (_copy("corpus.jsonl")(d, a), _write("afile", "x")(d, a))),
+    Case("resume-missing-run", ("train", "--resume", "runs/ghost"), "no run to resume at runs/ghost"),
+    Case("resume-with-another-model-shape", ("train", "--resume", "runs/good", "--model.n_embd=64"),
+         "resume cannot change the model shape", _copy("runs")),
+    Case("resume-with-longer-sequences", ("train", "--resume", "runs/good", "--data.seq_len=64"),
+         "resume cannot change the model shape", _copy("runs")),
+    Case("resume-with-another-tokenizer", ("train", "--resume", "runs/good", "--data.tokenizer=bpe",
+                                          "--data.vocab_size=300"), "tokenized with another tokenizer", _copy("runs")),
+    Case("resume-every-checkpoint-corrupt", ("train", "--resume", "runs/good"), "no valid checkpoint in",
+         _copy("runs", then=_corrupt_all_checkpoints)),
+    Case("sample-missing-run", ("sample", "runs/ghost"), "runs/ghost does not exist"),
+    Case("sample-bad-count", ("sample", "runs/good", "--num=0"), "--num must be at least 1", _copy("runs")),
+    Case("prepare-into-a-file", ("prepare", "corpus.jsonl", "--out", "afile"), "exists and is not a directory",
+         lambda d, a: (_copy("corpus.jsonl")(d, a), _write("afile", "x")(d, a))),
+]
+# more cases, run in-process through lmsprint.cli.main (the same code path without a process per case)
+MORE_CASES = [
+    Case("jsonl-not-json", ("train", "c.jsonl", *TINY), "line 2 is not valid JSON",
+         _write("c.jsonl", '{"text": "fine"}\n{"text": oops}\n')),
+    Case("corrupt-gzip", ("train", "c.jsonl.gz", *TINY), "is corrupt or truncated",
+         _write("c.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:40])),
+    Case("unsupported-file-type", ("train", "data.csv", *TINY), "unsupported file type", _write("data.csv", "a,b\n")),
+    Case("glob-matching-nothing", ("train", "nothing*.txt", *TINY), "matches no .txt"),
+    Case("single-document", ("train", "one.jsonl", *TINY), "no whole document can be held out",
+         _write("one.jsonl", '{"text": "only one"}\n')),
+    Case("no-validation-data", ("train", "corpus.jsonl", *TINY, "--data.val_fraction=0"), "no validation data",
+         _copy("corpus.jsonl")),
+    Case("shard-truncated", ("train", "prep", *TINY), "is truncated or corrupt",
+         _copy("prep", then=_patch_shard("train-00000.bin", _truncate))),
+    Case("prepared-meta-corrupt", ("train", "prep", *TINY), "prep/meta.json is corrupt; delete prep",
+         _copy("prep", then=lambda d: (d / "prep" / "meta.json").write_text("{"))),
+    Case("tokenizer-file-missing", ("train", "corpus.jsonl", *TINY, "--data.tokenizer=tok.json"),
+         "tokenizer tok.json not found", _copy("corpus.jsonl")),
+    Case("tokenizer-file-invalid", ("train", "corpus.jsonl", *TINY, "--data.tokenizer=tok.json"),
+         "tok.json is not a valid tokenizer.json",
+         _copy("corpus.jsonl", then=lambda d: (d / "tok.json").write_text("{}"))),
+    Case("tokenizer-without-end-of-document", ("train", "corpus.jsonl", *TINY, "--data.tokenizer=noeot.json"),
+         "no end-of-document token", lambda d, a: (_copy("corpus.jsonl")(d, a), _tokenizer_without_eot(d, a))),
+    Case("width-not-divisible-by-heads", ("train", "corpus.jsonl", *TINY, "--model.n_embd=30", "--model.n_head=4"),
+         "--model.n_embd=30 is not divisible by --model.n_head=4", _copy("corpus.jsonl")),
+    Case("invalid-boolean", ("train", "c.jsonl", *TINY, "--train.compile=maybe"), "expected true or false"),
+    Case("toml-unknown-section", ("train", "c.jsonl", "--config", "r.toml"), "unknown section [bogus]",
+         _write("r.toml", "[bogus]\nx = 1\n")),
+    Case("toml-wrong-type", ("train", "c.jsonl", "--config", "r.toml"), "--train.steps: expected an integer",
+         _write("r.toml", '[train]\nsteps = "many"\n')),
+    Case("sample-every-checkpoint-corrupt", ("sample", "runs/good"), "no valid checkpoint under runs/good",
+         _copy("runs", then=_corrupt_all_checkpoints)),
+    Case("prepare-into-a-non-empty-directory", ("prepare", "corpus.jsonl", "--out", "runs"), "already exists and is "
+         "not empty", _copy("corpus.jsonl", "runs")),
+]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bool, int, int]]:
+    return {p.relative_to(root).as_posix(): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+def _allowed(root: Path, rel: str) -> bool:
+    """New paths a failed command may leave: complete prepared-data cache entries (written atomically)."""
+    parts = rel.split("/")
+    if parts[0] != "cache":
+        return False
+    if len(parts) <= 2:
+        return parts[1:] in ([], ["data"])
+    return parts[1] == "data" and (root / "cache" / "data" / parts[2] / "meta.json").exists()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus, a trained run (runs/good, checkpoints at steps 2 and 4) and a prepared directory (prep)."""
+    root = tmp_path_factory.mktemp("bad-input-assets")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)))
+    train(tiny_config(corpus, train__steps=4, train__ckpt_every=2), run_dir=root / "runs" / "good")
+    prepare(str(corpus), root / "prep", tokenizer="byte", val_fraction=0.1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, assets: Path) -> dict:
+    """Run every selected case (two at a time): {id: (process, case dir, snapshot before)}."""
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
+    root = tmp_path_factory.mktemp("bad-input")
+    jobs = {}
+    for case in CASES:
+        if case.id not in selected or (case.cpu_only and not CPU_ONLY):
+            continue
+        d = root / case.id
+        d.mkdir()
+        if case.setup is not None:
+            case.setup(d, assets)
+        jobs[case.id] = (case, d, _snapshot(d))
+
+    def run(case: Case, d: Path) -> object:
+        return run_cli(*case.args, cwd=d, env_extra={"LMSPRINT_CACHE": str(d / "cache")}, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {key: pool.submit(run, case, d) for key, (case, d, _) in jobs.items()}
+        return {key: (futures[key].result(), d, before) for key, (_, d, before) in jobs.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_fails_cleanly(case: Case, outcomes: dict) -> None:
+    if case.cpu_only and not CPU_ONLY:
+        pytest.skip("a GPU is present")
+    proc, d, before = outcomes[case.id]
+    assert_clean_error(proc, case.expect)
+    _assert_untouched(d, before)
+
+
+@pytest.mark.parametrize("case", MORE_CASES, ids=[c.id for c in MORE_CASES])
+def test_more_bad_input_fails_cleanly(case: Case, tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    from lmsprint.cli import main
+
+    if case.setup is not None:
+        case.setup(tmp_path, assets)
+    before = _snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMSPRINT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(list(case.args))
+    err = capsys.readouterr().err
+    assert_clean_error(subprocess.CompletedProcess(case.args, e.value.code, "", err), case.expect)
+    _assert_untouched(tmp_path, before)
+
+
+def _assert_untouched(d: Path, before: dict[str, tuple[bool, int, int]]) -> None:
+    after = _snapshot(d)
+    changed = sorted(k for k in before if k in after and before[k] != after[k] and not before[k][0])
+    removed = sorted(set(before) - set(after))
+    added = sorted(k for k in set(after) - set(before) if not _allowed(d, k))
+    assert not (changed or removed or added), f"changed {changed}, removed {removed}, left behind {added}"
+
+
+def test_inventory_is_documented() -> None:
+    """Every case has a row in docs/errors.md (and at least 20 run the CLI in a subprocess)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    assert len(CASES) >= 20
+    missing = [c.id for c in CASES + MORE_CASES if f"`{c.id}`" not in doc]
+    assert not missing, missing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a full disk while checkpointing (simulated in-process: a subprocess cannot be given a full disk portably)
+
+
+def _save(root: Path, step: int) -> Path:
+    config = resolve_model_config(ModelConfig(), vocab_size=257, block_size=16)
+    return ckpt.save_checkpoint(root, step, model_sd={"w": torch.zeros(4)}, state={"step": step},
+                                model_config=config, keep=3)
+
+
+def _raise(error: BaseException) -> Callable[..., None]:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+    return fail
+
+
+FULL_DISK = {
+    # how each writer reports ENOSPC (measured on a full tmpfs)
+    "safetensors": ("save_file", ckpt.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                      "(os error 28)")),
+    "torch.save": ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")),
+    "oserror": ("save_file", OSError(errno.ENOSPC, "No space left on device")),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(FULL_DISK))
+def test_full_disk_while_checkpointing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    _save(tmp_path, 1)
+    target, error = FULL_DISK[writer]
+    if target == "torch.save":
+        monkeypatch.setattr(ckpt.torch, "save", _raise(error))
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, free=4096))
+    else:
+        monkeypatch.setattr(ckpt, target, _raise(error))
+    with pytest.raises(CheckpointError) as e:
+        _save(tmp_path, 2)
+    message = str(e.value)
+    assert message.startswith(f"disk full while writing checkpoint {tmp_path / 'step_00000002'}"), message
+    assert "earlier checkpoints are intact" in message and f"--resume {tmp_path.parent}" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no temporary directory left
+    ckpt.verify(tmp_path / "step_00000001")
+
+
+def test_checkpoint_write_error_other_than_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _save(tmp_path, 1)
+    monkeypatch.setattr(ckpt, "save_file", _raise(PermissionError(errno.EACCES, "Permission denied")))
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .* \(Permission denied; earlier "
+                                              r"checkpoints are intact\); check the run directory's permissions"):
+        _save(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_full_disk_during_training_stops_cleanly_and_resumes(tmp_path: Path, corpus: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `lmsprint train` does on a full disk: the error (exit 2), earlier checkpoints kept, --resume later."""
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def full_on_second(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ckpt.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(*args, **kwargs)
+
+    cfg = tiny_config(corpus, train__steps=10, train__ckpt_every=3)
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save_file", full_on_second)
+        with pytest.raises(CheckpointError, match="disk full while writing checkpoint .*step_00000006"):
+            train(cfg, run_dir=run)
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000003"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    result = train(cfg, run_dir=run, resume=True)
+    assert result.step == 10
+
+
+def test_interrupted_prepare_leaves_nothing(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (or Ctrl-C) while preparing: no output directory, no temporary one."""
+    from lmsprint.data import shards
+    from lmsprint.errors import DataError
+
+    monkeypatch.setattr(shards.os, "fsync", _raise(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DataError, match="No space left on device.*free space"):
+        prepare(str(corpus), tmp_path / "out", tokenizer="byte", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]

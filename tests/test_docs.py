@@ -1,0 +1,51 @@
+"""The docs stay true: the config reference matches the code, and links between pages resolve."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
+
+
+def _generator():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_reference_is_up_to_date() -> None:
+    gen = _generator()
+    doc = ROOT / "docs" / "config.md"
+    assert doc.exists(), f"docs/config.md is missing; generate it with: {gen.COMMAND}"
+    assert doc.read_text() == gen.render(), f"docs/config.md is stale; regenerate it with: {gen.COMMAND}"
+
+
+def test_config_reference_covers_every_field() -> None:
+    from dataclasses import fields
+
+    from lmsprint.config import SECTIONS
+
+    text = _generator().render()
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f"| `{section}.{f.name}` |" in text
+
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_markdown_links_resolve(page: Path) -> None:
+    """Every relative link to a .md page (README.md and docs/*.md) points at a file that exists."""
+    missing = []
+    for target in LINK.findall(page.read_text()):
+        path = target.split("#", 1)[0]
+        if "://" in target or target.startswith("mailto:") or not path.endswith(".md"):
+            continue
+        if not (page.parent / path).exists():
+            missing.append(target)
+    assert not missing, f"{page.relative_to(ROOT)} links to missing pages: {', '.join(missing)}"

@@ -1,0 +1,112 @@
+"""Random restarts: ranking, continuation equal to an uninterrupted run, successive halving, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from lmsprint.errors import ConfigError
+from lmsprint.restarts import RestartRun, restarts, train_command
+from lmsprint.train.metrics import read_metrics
+from lmsprint.train.trainer import train
+
+SWEEP = {"train__steps": 12, "train__eval_every": 4, "train__ckpt_every": 4}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_restarts_continue_the_best_probe_exactly(tmp_path: Path, corpus: Path) -> None:
+    cfg = tiny_config(corpus, **SWEEP)
+    result = restarts(cfg, n=3, keep=1, probe_steps=4, out_dir=tmp_path / "sweep", gpus=[], log=lambda s: None)
+
+    assert result.budgets == [4, 12]
+    best = min(result.runs, key=lambda r: r.val[4])
+    assert result.winner is best and result.winner_dir == tmp_path / "sweep" / f"seed-{best.seed}"
+    assert sorted(r.seed for r in result.runs) == [1337, 1338, 1339]
+    for r in result.runs:
+        assert r.continued == (r is best) and sorted(r.val) == ([4, 12] if r is best else [4])
+    for name in ("restarts.md", "restarts.png", "restarts.json"):
+        assert (tmp_path / "sweep" / name).exists(), name
+    summary = json.loads((tmp_path / "sweep" / "restarts.json").read_text())
+    assert summary["winner"] == best.seed and summary["budgets"] == [4, 12]
+    assert "**winner**" in (tmp_path / "sweep" / "restarts.md").read_text()
+
+    # the continued probe is exactly an uninterrupted run of its seed: the schedule spanned 12 steps from the start
+    plain = train(tiny_config(corpus, train__seed=best.seed, **SWEEP), run_dir=tmp_path / "plain")
+    a, b = train_losses(best.run_dir), train_losses(plain.run_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    assert abs(best.val[12] - plain.val_loss) <= 1e-6
+
+    # the winner is an ordinary run directory
+    from lmsprint.sample import sample
+
+    assert isinstance(sample(best.run_dir, prompt="the", max_new_tokens=4)[0], str)
+
+
+def test_successive_halving(tmp_path: Path, corpus: Path) -> None:
+    cfg = tiny_config(corpus, train__steps=8, train__eval_every=2, train__ckpt_every=0)
+    result = restarts(cfg, n=4, keep=1, probe_steps=2, halving=True, out_dir=tmp_path / "sh", gpus=[],
+                      log=lambda s: None)
+    assert result.budgets == [2, 4, 8]
+    by_probe = sorted(result.runs, key=lambda r: r.val[2])
+    assert {r.seed for r in result.runs if 4 in r.val} == {r.seed for r in by_probe[:2]}  # the better half
+    second = sorted((r for r in result.runs if 4 in r.val), key=lambda r: r.val[4])
+    assert result.winner is second[0] and [r for r in result.runs if r.continued] == [second[0]]
+    table = result.table.splitlines()
+    assert table[0] == "| rank | seed | val @ 2 | val @ 4 | val @ 8 | status |"
+    assert f"| 1 | {second[0].seed} |" in table[2] and "**winner**" in table[2]
+
+
+def test_restarts_bad_arguments(tmp_path: Path, corpus: Path) -> None:
+    cfg = tiny_config(corpus, **SWEEP)
+    with pytest.raises(ConfigError, match="--probe-steps"):
+        restarts(cfg, n=2, probe_steps=12, out_dir=tmp_path / "a", gpus=[])
+    with pytest.raises(ConfigError, match="not both"):
+        restarts(cfg, n=2, probe_steps=2, probe_fraction=0.5, out_dir=tmp_path / "a", gpus=[])
+    with pytest.raises(ConfigError, match="--keep"):
+        restarts(cfg, n=2, keep=3, probe_steps=2, out_dir=tmp_path / "a", gpus=[])
+    (tmp_path / "b" / "seed-1338").mkdir(parents=True)
+    (tmp_path / "b" / "seed-1338" / "config.toml").write_text("")
+    with pytest.raises(ConfigError, match="seed-1338"):
+        restarts(cfg, n=2, probe_steps=2, out_dir=tmp_path / "b", gpus=[])
+
+
+def test_train_command() -> None:
+    run = RestartRun(7, Path("out/seed-7"))
+    first = train_command(Path("out/base.toml"), run, 4, first=True)
+    assert first[1:4] == ["-m", "lmsprint", "train"]
+    assert {"--config", "out/base.toml", "--train.seed=7", "--train.out_dir=out", "--train.run_name=seed-7",
+            "--train.stop_at_step=4", "--sample=0"} <= set(first)
+    assert "--resume" not in first
+    cont = train_command(Path("out/base.toml"), run, None, first=False)
+    assert cont[4:6] == ["--resume", "out/seed-7"] and "--train.stop_at_step=none" in cont
+    assert "--config" not in cont and not any(a.startswith("--train.seed") for a in cont)
+
+
+def test_cli_restarts_in_parallel_subprocesses(tmp_path: Path, corpus: Path) -> None:
+    """`lmsprint restarts` with --gpus 0,1: each run a `python -m lmsprint train` subprocess (on CPU here)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    tiny = ["--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2",
+            "--train.steps=4", "--log.progress=false", "--log.plot=false", "--train.device=cpu",
+            "--data.seq_len=16", "--train.batch_size=2", "--train.eval_tokens=128"]
+    proc = subprocess.run([sys.executable, "-m", "lmsprint", "restarts", str(corpus), *tiny, "--n=2", "--keep=1",
+                           "--probe-steps=2", "--gpus=0,1", "--out=sweep"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| rank | seed | val @ 2 | val @ 4 | status |" in proc.stdout and "winner: " in proc.stdout
+    out = tmp_path / "sweep"
+    summary = json.loads((out / "restarts.json").read_text())
+    winner = tmp_path / summary["winner_dir"]  # as given: relative to the working directory
+    assert (winner / "checkpoints" / "step_00000004").is_dir()
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["seed-1337.log", "seed-1338.log"]
+    assert (out / "restarts.md").exists() and (out / "restarts.png").exists()

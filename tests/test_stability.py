@@ -1,0 +1,306 @@
+"""Gradient clipping, precision modes, fp16 loss scaling and the non-finite / spike guard, on tiny CPU runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from lmsprint.train import checkpoint as ckpt
+from lmsprint.train.metrics import read_metrics
+from lmsprint.train.trainer import Callback, Trainer, resolve_precision
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == kind]
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in records(run_dir, "event") if r.get("event") == name]
+
+
+def snapshot(trainer: Trainer) -> tuple[list[torch.Tensor], dict]:
+    """Copies of the weights and of the optimizer state."""
+    params = [p.detach().clone() for p in trainer.model.parameters()]
+    state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for i, s in trainer.optimizer.state_dict()["state"].items()}
+    return params, state
+
+
+def assert_same(a: tuple[list[torch.Tensor], dict], b: tuple[list[torch.Tensor], dict]) -> None:
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])), "weights changed"
+    assert a[1].keys() == b[1].keys()
+    for i in a[1]:
+        for k, v in a[1][i].items():
+            w = b[1][i][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, f"optimizer state {i}.{k} changed"
+
+
+class Hook(Callback):
+    """Runs ``at_grads`` / ``at_loss`` the first time the run reaches a step (steps recur after a rollback)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.grads_seen: set[int] = set()
+        self.loss_seen: set[int] = set()
+
+    def on_grads(self, step: int, model: torch.nn.Module) -> None:
+        if step not in self.grads_seen:
+            self.grads_seen.add(step)
+            self.at_grads(step, model)
+
+    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        first = step not in self.loss_seen
+        self.loss_seen.add(step)
+        return self.at_loss(step, loss, first)
+
+    def at_grads(self, step: int, model: torch.nn.Module) -> None:
+        pass
+
+    def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+        return loss
+
+
+def make_trainer(tmp_path: Path, corpus: Path, name: str = "run", **overrides: object) -> Trainer:
+    return Trainer(tiny_config(corpus, **overrides), tmp_path / name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# clipping
+
+
+@pytest.mark.parametrize("clip_norm,clip_value", [(0.05, 0.0), (0.0, 1e-3), (0.05, 1e-3), (0.0, 0.0)])
+def test_clip_matches_torch(tmp_path: Path, corpus: Path, clip_norm: float, clip_value: float) -> None:
+    trainer = make_trainer(tmp_path, corpus, train__clip_norm=clip_norm, train__clip_value=clip_value)
+    trainer._forward_backward(trainer.loader.next(0))
+    params = [p for p in trainer.model.parameters() if p.grad is not None]
+    copies = []
+    for p in params:
+        q = p.detach().clone().requires_grad_(True)
+        q.grad = p.grad.clone()
+        copies.append(q)
+    pre_norm = torch.linalg.vector_norm(torch.stack([q.grad.norm() for q in copies]))
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(copies, clip_norm)
+    if clip_value > 0:
+        torch.nn.utils.clip_grad_value_(copies, clip_value)
+
+    norm = trainer._clip()
+
+    assert pre_norm > max(clip_norm, clip_value)  # the clip is active, not a no-op
+    torch.testing.assert_close(norm, pre_norm, rtol=1e-6, atol=0)  # the norm before clipping
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    if clip_norm == clip_value == 0:
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, copies))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_logged_grad_norm_is_the_pre_clip_norm(tmp_path: Path, corpus: Path, precision: str) -> None:
+    """With fp16 the logged norm is that of the unscaled gradients: unscale_ runs before the clip."""
+    trainer = make_trainer(tmp_path, corpus, train__steps=4, train__clip_norm=0.1, train__precision=precision)
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.norms: dict[int, float] = {}
+
+        def on_grads(self, step: int, model: torch.nn.Module) -> None:
+            scale = trainer.scaler.get_scale() if trainer.scaler is not None else 1.0
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            self.norms[step + 1] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() / scale
+
+    rec = Record()
+    trainer.callbacks.append(rec)
+    trainer.run()
+    logged = {r["step"]: r["grad_norm"] for r in records(trainer.run_dir, "train")}
+    assert sorted(logged) == [1, 2, 3, 4]
+    finite = [s for s in logged if math.isfinite(logged[s])]
+    assert len(finite) >= 3
+    for s in finite:
+        assert logged[s] > 0.1  # above the clip threshold: the norm before clipping
+        assert logged[s] == pytest.approx(rec.norms[s], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# precision
+
+
+def test_precision_resolution_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    warnings: list[str] = []
+    assert resolve_precision("auto", cpu, warnings.append) == "fp32"
+    for mode in ("fp32", "bf16", "fp16", "bf16-pure"):  # torch >= 2.3's CPU runs all four
+        assert resolve_precision(mode, cpu, warnings.append) == mode
+    assert warnings == []
+
+    class NoScaler:
+        def __init__(self, device: str) -> None:
+            pass
+
+        def is_enabled(self) -> bool:
+            return False
+
+    monkeypatch.setattr(torch.amp, "GradScaler", NoScaler)
+    assert resolve_precision("fp16", cpu, warnings.append) == "fp32"
+    assert len(warnings) == 1 and "fp16" in warnings[0] and "fp32" in warnings[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "bf16-pure"])
+def test_precision_modes_train(tmp_path: Path, corpus: Path, precision: str) -> None:
+    trainer = make_trainer(tmp_path, corpus, train__steps=3, train__precision=precision)
+    result = trainer.run()
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+    weight_dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    assert all(p.dtype == weight_dtype for p in trainer.model.parameters())  # bf16/fp16: fp32 master weights
+    for state in trainer.optimizer.state.values():  # optimizer state stays fp32, bf16 weights included
+        floating = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        assert floating and all(v.dtype == torch.float32 for v in floating)
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    train_recs = records(trainer.run_dir, "train")
+    assert records(trainer.run_dir, "config")[0]["precision"] == precision
+    assert all("mem_gb" not in r for r in train_recs)  # peak memory is a CUDA measurement
+    assert ("loss_scale" in train_recs[-1]) == (precision == "fp16")
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler(tmp_path: Path, corpus: Path) -> None:
+    """An inf gradient under loss scaling: update skipped, scale halved, not a guard skip; scaler state resumes."""
+    trainer = make_trainer(tmp_path, corpus, train__precision="fp16", train__ckpt_every=5)
+    seen: dict[str, object] = {}
+
+    class Overflow(Hook):
+        def at_grads(self, step: int, model: torch.nn.Module) -> None:
+            if step == 3:
+                seen["before"] = snapshot(trainer)
+                seen["scale"] = trainer.scaler.get_scale()
+                next(model.parameters()).grad[0, 0] = float("inf")
+
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            if step == 4 and first:
+                seen["after"] = snapshot(trainer)
+                seen["scale_after"] = trainer.scaler.get_scale()
+            return loss
+
+    trainer.callbacks.append(Overflow(trainer))
+    result = trainer.run()
+    assert_same(seen["before"], seen["after"])  # type: ignore[arg-type]
+    assert seen["scale_after"] == seen["scale"] * 0.5
+    assert result.step == 10 and math.isfinite(result.val_loss)
+    assert result.skipped_steps == 0 and result.rollbacks == 0  # the scaler's business, not the guard's
+    assert 3 in [e["step"] for e in events(trainer.run_dir, "overflow")]
+
+    saved = ckpt.load_checkpoint(ckpt.latest_valid(trainer.ckpt_root))[2]["scaler"]
+    assert saved == trainer.scaler.state_dict()
+    resumed = Trainer(tiny_config(corpus, train__precision="fp16", train__steps=12), trainer.run_dir, resume=True)
+    assert resumed.scaler.state_dict() == saved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# guard
+
+
+def test_nan_gradient_is_skipped_and_counted(tmp_path: Path, corpus: Path) -> None:
+    trainer = make_trainer(tmp_path, corpus)
+    seen: dict[str, object] = {}
+
+    class NaNGrad(Hook):
+        def at_grads(self, step: int, model: torch.nn.Module) -> None:
+            if step == 3:
+                seen["before"] = snapshot(trainer)
+                next(model.parameters()).grad[0, 0] = float("nan")
+
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            if step == 4 and first:
+                seen["after"] = snapshot(trainer)
+            return loss
+
+    trainer.callbacks.append(NaNGrad(trainer))
+    result = trainer.run()
+    assert_same(seen["before"], seen["after"])  # type: ignore[arg-type]
+    assert result.skipped_steps == 1 and result.rollbacks == 0 and result.step == 10
+    assert [e["step"] for e in events(trainer.run_dir, "skip")] == [3]
+    by_step = {r["step"]: r for r in records(trainer.run_dir, "train")}
+    assert by_step[3]["skipped"] == 0 and by_step[4]["skipped"] == 1
+    assert math.isfinite(result.val_loss)
+
+
+def test_loss_spike_rolls_back_to_last_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    trainer = make_trainer(tmp_path, corpus, train__ckpt_every=5, guard__spike_factor=3, guard__spike_warmup=2,
+                           guard__rollback_lr_factor=0.5)
+    seen: dict[str, object] = {}
+
+    class Spike(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            if step == 5 and not first:  # the first step after the rollback: weights as checkpointed
+                seen["weights"] = {k: v.clone() for k, v in ckpt.model_state(trainer.model).items()}
+            return loss * 100 if step == 7 and first else loss
+
+    trainer.callbacks.append(Spike(trainer))
+    result = trainer.run()
+    assert result.rollbacks == 1 and result.step == 10
+    (event,) = events(trainer.run_dir, "rollback")
+    assert event["step"] == 5 and event["checkpoint"].endswith("step_00000005") and event["lr_scale"] == 0.5
+    saved = load_file(trainer.ckpt_root / "step_00000005" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in seen["weights"].items())  # type: ignore[union-attr]
+    steps = [r["step"] for r in records(trainer.run_dir, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]  # step 8 spiked: back to 5, steps 6.. again
+    lrs = [r["lr"] for r in records(trainer.run_dir, "train") if r["step"] == 6]
+    assert lrs[1] == pytest.approx(0.5 * lrs[0], rel=1e-9)  # the schedule, at half its peak
+    assert all(g["initial_lr"] == pytest.approx(0.5 * trainer.cfg.optim.lr) for g in trainer.optimizer.param_groups)
+    assert trainer.loader.seed == trainer.cfg.train.seed + 1000  # data order reseeded
+    assert trainer.guard.spikes == 1
+
+
+def test_bad_steps_in_a_row_roll_back(tmp_path: Path, corpus: Path) -> None:
+    trainer = make_trainer(tmp_path, corpus, train__ckpt_every=5, guard__max_bad_steps=2,
+                           guard__rollback_reseed=False)
+
+    class NaNs(Hook):
+        def at_grads(self, step: int, model: torch.nn.Module) -> None:
+            if step in (6, 7):
+                next(model.parameters()).grad.fill_(float("nan"))
+
+    trainer.callbacks.append(NaNs(trainer))
+    result = trainer.run()
+    assert result.rollbacks == 1 and result.skipped_steps == 2 and result.step == 10
+    assert [e["step"] for e in events(trainer.run_dir, "skip")] == [6]
+    assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [5]
+    assert trainer.loader.seed == trainer.cfg.train.seed  # rollback_reseed off
+
+
+def test_rollback_without_checkpoint_restarts_from_initial_weights(tmp_path: Path, corpus: Path) -> None:
+    """No checkpoint yet: back to step 0; the loss average is reset, or the initial loss would count as a spike."""
+    trainer = make_trainer(tmp_path, corpus, train__steps=30, train__ckpt_every=0, train__eval_every=10,
+                           optim__lr=1e-2, guard__spike_factor=1.2, guard__spike_warmup=2)
+
+    class Spike(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            return loss * 100 if step == 20 and first else loss
+
+    trainer.callbacks.append(Spike(trainer))
+    result = trainer.run()
+    assert result.rollbacks == 1 and result.step == 30
+    (event,) = events(trainer.run_dir, "rollback")
+    assert event["step"] == 0 and event["checkpoint"] == ""
+    assert [s for s, _ in result.val_history] == [10, 20, 30]  # evaluations of the abandoned attempt dropped
+
+
+def test_fp16_guard_skip_and_rollback(tmp_path: Path, corpus: Path) -> None:
+    """Under loss scaling a NaN loss is the guard's (skip), and a skip or rollback closes the scaler's step."""
+    trainer = make_trainer(tmp_path, corpus, train__precision="fp16", train__ckpt_every=5, guard__spike_factor=3,
+                           guard__spike_warmup=2)
+
+    class Bad(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            if step == 3 and first:
+                return loss * float("nan")
+            return loss * 100 if step == 7 and first else loss
+
+    trainer.callbacks.append(Bad(trainer))
+    result = trainer.run()
+    assert result.skipped_steps == 1 and result.rollbacks == 1 and result.step == 10
+    assert [e["step"] for e in events(trainer.run_dir, "skip")] == [3]
+    assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [5]
