@@ -214,7 +214,37 @@ def phase_debug(args: argparse.Namespace, out: Path) -> None:
         save(out, "debug", results)
 
 
-PHASES = {"debug": phase_debug, "prepare": phase_prepare, "cold": phase_cold, "tests": phase_tests, "optim": phase_optim,
+def phase_bench(args: argparse.Namespace, out: Path) -> None:
+    """The time-to-target benchmark: baseline and fast, 2 seeds each, then fast's ablations."""
+    from lmsprint.bench import bench
+
+    work = Path("/tmp/bench")
+    shutil.rmtree(work, ignore_errors=True)
+    extra = [*SMOKE_ARGS, "--train.epochs=none", "--train.steps=30", "--train.eval_every=10",
+             "--data.seq_start=32"] if args.smoke else []
+    try:
+        bench(["baseline", "fast"], seeds=[0, 1], overrides=[f"--data.source={DATA}", "--log.progress=false",
+                                                              "--log.plot=false", *extra],
+              out_dir=work, ablate="fast")
+    finally:
+        for name in ("bench.md", "bench.json", "bench.png"):
+            if (work / name).exists():
+                shutil.copy(work / name, out / name)
+
+
+def phase_oom(args: argparse.Namespace, out: Path) -> None:
+    rc, tail, dt = run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--timeout=200",
+                        "-m", "gpu", "-k", "out_of_memory", "tests/test_reliability.py"], timeout=250)
+    save(out, "oom", {"rc": rc, "seconds": dt, "tail": tail})
+
+
+def phase_gputests(args: argparse.Namespace, out: Path) -> None:
+    rc, tail, dt = run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--timeout=200",
+                        "tests/test_gpu.py"], timeout=250)
+    save(out, "tests_gpu", {"rc": rc, "seconds": dt, "tail": tail[-1500:]})
+
+
+PHASES = {"debug": phase_debug, "bench": phase_bench, "oom": phase_oom, "gputests": phase_gputests, "prepare": phase_prepare, "cold": phase_cold, "tests": phase_tests, "optim": phase_optim,
           "mfu": phase_mfu, "sweep": phase_sweep, "profile": phase_profile}
 
 

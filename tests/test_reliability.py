@@ -91,7 +91,7 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
         if max(train_losses(run_dir), default=0) >= step:
             return
         assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()}"
-        time.sleep(0.005)
+        time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"no step {step} within {timeout}s")
 

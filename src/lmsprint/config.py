@@ -531,6 +531,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
         v = getattr(m, key)
         _check(v is None or v > 0, f"--model.{key} must be positive, got {v}")
+    if m.preset in PRESETS:  # checked here, before any data is prepared
+        n_embd, n_head = m.n_embd or PRESETS[m.preset].n_embd, m.n_head or PRESETS[m.preset].n_head
+        _check(n_embd % n_head == 0, f"--model.n_embd={n_embd} is not divisible by --model.n_head={n_head}; pick "
+               "a width that is a multiple of the number of heads")
     _check(m.logit_softcap >= 0, f"--model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
     _check(m.init_std > 0, f"--model.init_std must be > 0, got {m.init_std}")
     _check(m.vocab_multiple >= 1, f"--model.vocab_multiple must be >= 1, got {m.vocab_multiple}")

@@ -132,7 +132,8 @@ def resolve(spec: str, *, text_docs: str = "auto", cache_dir: str | None = None)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
         if not files:
-            raise DataError(f"{path} holds no .txt, .jsonl or .parquet files (optionally .gz/.xz/.bz2/.zst)")
+            raise DataError(f"{path} holds no .txt, .jsonl or .parquet files (optionally .gz/.xz/.bz2/.zst); "
+                            "pass a directory or glob of such files")
     elif path.is_file():
         if _kind(path) is None:
             raise DataError(f"{path}: unsupported file type; use .txt, .jsonl or .parquet (optionally compressed)")
@@ -141,7 +142,8 @@ def resolve(spec: str, *, text_docs: str = "auto", cache_dir: str | None = None)
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
                        if Path(p).is_file() and _kind(Path(p)) is not None)
         if not files:
-            raise DataError(f"the pattern {spec!r} matches no .txt, .jsonl or .parquet files")
+            raise DataError(f"the pattern {spec!r} matches no .txt, .jsonl or .parquet files; check it (and quote "
+                            "it, so that the shell leaves it to lmsprint)")
     else:
         raise DataError(f"data source {spec!r} not found; pass a file, directory or glob, or one of: "
                         f"{', '.join(NAMED)}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmsprint.model.layers import Block, CausalSelfAttention, GPTConfig, Norm
+from lmsprint.model.layers import Block, GPTConfig, Norm, document_mask
 
 IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
 
@@ -33,17 +33,9 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._head_fn: Callable[..., Tensor] = self._head
-
-    @property
-    def use_flex(self) -> bool:
-        """Document masks through FlexAttention (the trainer turns it on for compiled CUDA runs)."""
-        return self.transformer.h[0].attn.use_flex if len(self.transformer.h) else False
-
-    @use_flex.setter
-    def use_flex(self, value: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, CausalSelfAttention):
-                m.use_flex = value
+        # document masks through FlexAttention (the trainer turns this on for compiled CUDA runs); else SDPA
+        # with a dense mask
+        self.use_flex = False
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -118,8 +110,12 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+        # The BlockMask is built here, once per forward and outside the compiled blocks: built inside a
+        # compiled region, torch 2.11's inductor fused it into the attention kernel and got it wrong on CUDA
+        # (tests/test_gpu.py checks both ways against SDPA with a dense mask).
+        block_mask = document_mask(doc_ids, use_flex=True) if doc_ids is not None and self.use_flex else None
         for block in self.transformer.h:
-            x = block(x, pos, doc_ids)
+            x = block(x, pos, doc_ids, block_mask)
         if targets is None:
             return self._logits(x)[..., : self.config.vocab_size]
         return self._head_fn(x, targets, reduction)

@@ -156,9 +156,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_base) if cfg.pos_emb == "rope" else None
-        self.use_flex = False  # document masks through FlexAttention instead of SDPA with a dense mask
 
-    def forward(self, x: Tensor, pos: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | None, doc_ids: Tensor | None, block_mask: object | None = None
+                ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hd)
         if self.qk_norm:
@@ -166,14 +166,14 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-        if doc_ids is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif self.use_flex:
+        if block_mask is not None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            # built here, inside the (compiled) block, so torch.compile traces the mask too: a handful of tiny
-            # ops per layer, and no guard on a fresh mask object every step
-            y = flex_attention(q, k, v, block_mask=document_mask(doc_ids, use_flex=True))
+            # contiguous copies: with the transposed views that rotary/QK-norm leave, torch 2.11's compiled
+            # FlexAttention returns wrong results (tests/test_gpu.py and tests/test_model.py check it)
+            y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask)
+        elif doc_ids is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids, use_flex=False))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -211,6 +211,7 @@ class Block(nn.Module):
         self.ln_2 = Norm(cfg.n_embd, cfg.norm)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, pos: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, doc_ids)
+    def forward(self, x: Tensor, pos: Tensor | None = None, doc_ids: Tensor | None = None,
+                block_mask: object | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, doc_ids, block_mask)
         return x + self.mlp(self.ln_2(x))

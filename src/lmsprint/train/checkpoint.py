@@ -231,8 +231,10 @@ def find_weights(path: Path) -> Path:
     skipped: list[str] = []
     found = latest_valid(root, warn=skipped.append)
     if found is None:
-        why = f" ({len(skipped)} fail their checksums)" if skipped else ""
-        raise CheckpointError(f"no valid checkpoint under {path}{why}; pass a run directory that has trained")
+        if skipped:
+            raise CheckpointError(f"no valid checkpoint under {path}: {len(skipped)} fail their checksums (corrupt or "
+                                  "truncated); restore them from a copy, or train the run again")
+        raise CheckpointError(f"no valid checkpoint under {path}; pass a run directory that has trained")
     for warning in skipped:
         print(warning, file=sys.stderr)
     return found

@@ -560,8 +560,9 @@ class Trainer:
         """
         try:
             return self._run()
-        except torch.cuda.OutOfMemoryError:
-            if self.device.type != "cuda":
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS/cuDNN failing to get a workspace
+            if self.device.type != "cuda" or not (isinstance(e, torch.cuda.OutOfMemoryError) or
+                                                  "out of memory" in str(e)):
                 raise
         # outside the except block: the traceback, and the activations its frames hold, are released
         raise self._oom_error() from None
@@ -797,9 +798,10 @@ class Trainer:
                 from lmsprint.plots import plot_run
 
                 plot_run(self.run_dir)
-        return TrainResult(self.run_dir, self.step, last_loss, val_loss, self._stop_signal is not None,
+        stopped = self._stop_signal is not None and self.step < self.total_steps  # (a signal on the last step: done)
+        return TrainResult(self.run_dir, self.step, last_loss, val_loss, stopped,
                            self.guard.bad_total, self.guard.rollbacks, self.train_time, self.compile_time,
-                           list(self.val_history), self._stop_signal)
+                           list(self.val_history), self._stop_signal if stopped else None)
 
     def _main_lr(self) -> float:
         for group in self.optimizer.param_groups:
@@ -847,4 +849,5 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     return cfg
 
 
-__all__ = ["Callback", "MicroBatch", "TrainResult", "Trainer", "TrainingDiverged", "resume_config", "train"]
+__all__ = ["Callback", "GPUOutOfMemory", "MicroBatch", "TrainResult", "Trainer", "TrainingDiverged", "resume_config",
+           "suggest_micro_batch", "train"]
