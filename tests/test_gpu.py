@@ -26,7 +26,13 @@ def _reference(q, k, v, doc):  # noqa: ANN001, ANN202
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled-inside", "compiled-outside"])
+@pytest.mark.parametrize("mode", [
+    "eager",
+    pytest.param("compiled-inside", marks=pytest.mark.xfail(
+        reason="torch 2.11 on the H200: a BlockMask built inside the compiled region gives wrong attention; "
+        "lmsprint builds it outside (seen 2026-11-29)", strict=False)),
+    "compiled-outside",
+])
 def test_flex_document_mask_matches_dense_sdpa(mode: str) -> None:
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -115,7 +115,7 @@ def _subprocess(base_toml: Path, run: RestartRun, stop: int | None, first: bool,
     with open(log, "a") as f:
         rc = subprocess.run(train_command(base_toml, run, stop, first), env=env, stdout=f, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL).returncode
-    if rc == 130:  # interrupted (Ctrl-C reaches the whole process group)
+    if rc in (130, 143):  # interrupted by SIGINT (reaches the whole process group) or SIGTERM
         raise KeyboardInterrupt
     if rc != 0:
         raise LmsprintError(f"exit code {rc}; see {log}")

@@ -182,7 +182,7 @@ class Trainer:
         self.dist = D.setup(cfg.train.device)
         self.device = self.dist.device
         self.run_dir = Path(str(D.broadcast_object(str(run_dir))))  # ranks may have stamped different auto names
-        self.ckpt_root = run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / "checkpoints"
         t, d = cfg.train, cfg.data
         self._prepare_run_dir(resume)
         self.precision = resolve_precision(t.precision, self.device, self.log_line)
