@@ -30,7 +30,8 @@ class ModelConfig:
     """The network: size preset and architecture options."""
 
     preset: str = "tiny"
-    """Named size: tiny (~2M params, CPU), small (~30M), gpt2-124m (GPT-2 small shape), gpt2-350m."""
+    """Named size: tiny (~1.4M params with a 4K vocabulary, CPU), small (~30M), gpt2-124m (GPT-2 small shape),
+    gpt2-350m (GPT-2 medium shape)."""
     n_layer: int | None = None
     """Number of transformer blocks (overrides the preset)."""
     n_head: int | None = None
@@ -67,7 +68,8 @@ class DataConfig:
 
     source: str = "stdlib"
     """Training text: a named dataset (stdlib, tinyshakespeare), a prepared data directory, a file, a directory
-    or a glob of .txt/.jsonl/.parquet files (optionally .gz/.xz/.zst)."""
+    or a glob of .txt/.jsonl/.parquet files (optionally .gz/.xz/.bz2/.zst), or a Hugging Face datasets
+    directory (save_to_disk)."""
     val_source: str | None = None
     """Separate validation text; if unset, val_fraction of the documents is held out."""
     val_fraction: float = 0.02

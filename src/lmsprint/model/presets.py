@@ -13,7 +13,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(n_layer=4, n_head=4, n_embd=128),  # ~1.9M params with an 8K vocabulary: CPU-sized
+    "tiny": Preset(n_layer=4, n_head=4, n_embd=128),  # ~1.4M params with a 4K vocabulary: CPU-sized
     "small": Preset(n_layer=6, n_head=8, n_embd=512),  # ~36M params with a 32K vocabulary
     "gpt2-124m": Preset(n_layer=12, n_head=12, n_embd=768),  # GPT-2 small shape
     "gpt2-350m": Preset(n_layer=24, n_head=16, n_embd=1024),  # GPT-2 medium shape
