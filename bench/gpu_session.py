@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 DATA = ROOT / ".data" / "prep"  # git-ignored: survives between calls on a warm machine
 SMOKE_ARGS = ["--train.device=cpu", "--train.compile=false", "--model.n_layer=1", "--model.n_embd=32",
-              "--model.n_head=2", "--data.seq_len=128", "--data.seq_start=32", "--train.batch_size=4", "--train.micro_batch_size=4",
-              "--train.eval_tokens=512", "--train.precision=fp32"]
+              "--model.n_head=2", "--data.seq_len=128", "--data.seq_start=32", "--train.batch_size=4",
+              "--train.micro_batch_size=4", "--train.eval_tokens=512", "--train.precision=fp32"]
 
 
 def save(out: Path, name: str, obj: object) -> None:
@@ -164,16 +164,23 @@ SWEEP = [
 ]
 
 
-def phase_sweep(args: argparse.Namespace, out: Path) -> None:
-    results = []
+def _variants(name: str, variants: list[tuple[str, list[str]]], args: argparse.Namespace, out: Path,
+              results: list[dict] | None = None) -> list[dict]:
+    """Short runs of the fast recipe with each variant's overrides, saved to OUT/name.json as they finish."""
+    results = [] if results is None else results
     steps = 20 if args.smoke else args.sweep_steps
-    for name, extra in SWEEP:
+    for label, extra in variants:
         try:
-            results.append(_train(name, "fast", ["--train.epochs=none", f"--train.steps={steps}",
-                                                 f"--train.eval_every={max(steps // 4, 1)}", *extra], args))
+            results.append(_train(label, "fast", ["--train.epochs=none", f"--train.steps={steps}",
+                                                  f"--train.eval_every={max(steps // 5, 1)}", *extra], args))
         except Exception:
-            results.append({"name": name, "error": traceback.format_exc()[-2000:]})
-        save(out, "sweep", results)
+            results.append({"name": label, "error": traceback.format_exc()[-2000:]})
+        save(out, name, results)
+    return results
+
+
+def phase_sweep(args: argparse.Namespace, out: Path) -> None:
+    results = _variants("sweep", SWEEP, args, out)
     try:
         base = ["--train.epochs=none", "--train.steps=60"] if args.smoke else []
         results.append(_train("baseline", "baseline", base, args))
@@ -203,15 +210,7 @@ def phase_debug(args: argparse.Namespace, out: Path) -> None:
     rc, tail, dt = run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--timeout=300",
                         "tests/test_gpu.py"], timeout=400)
     save(out, "tests_gpu", {"rc": rc, "seconds": dt, "tail": tail})
-    results = []
-    steps = 20 if args.smoke else args.sweep_steps
-    for name, extra in DEBUG:
-        try:
-            results.append(_train(name, "fast", ["--train.epochs=none", f"--train.steps={steps}",
-                                                 f"--train.eval_every={max(steps // 5, 1)}", *extra], args))
-        except Exception:
-            results.append({"name": name, "error": traceback.format_exc()[-2000:]})
-        save(out, "debug", results)
+    _variants("debug", DEBUG, args, out)
 
 
 def phase_bench(args: argparse.Namespace, out: Path) -> None:
@@ -244,8 +243,9 @@ def phase_gputests(args: argparse.Namespace, out: Path) -> None:
     save(out, "tests_gpu", {"rc": rc, "seconds": dt, "tail": tail[-1500:]})
 
 
-PHASES = {"debug": phase_debug, "bench": phase_bench, "oom": phase_oom, "gputests": phase_gputests, "prepare": phase_prepare, "cold": phase_cold, "tests": phase_tests, "optim": phase_optim,
-          "mfu": phase_mfu, "sweep": phase_sweep, "profile": phase_profile}
+PHASES = {"prepare": phase_prepare, "cold": phase_cold, "tests": phase_tests, "optim": phase_optim, "mfu": phase_mfu,
+          "sweep": phase_sweep, "profile": phase_profile, "debug": phase_debug, "bench": phase_bench,
+          "oom": phase_oom, "gputests": phase_gputests}
 
 
 def main() -> None:

@@ -78,7 +78,8 @@ def profile(data: str, recipe: str, overrides: list[str], *, start: int = 8, ste
               "gpu_busy_ms_per_step": busy / steps,
               "idle_ms_per_step": max(0.0, wall_ms - busy) / steps,
               "categories_ms_per_step": {k: v / steps for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-              "top_kernels_ms_per_step": {k[:120]: v / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
+              "top_kernels_ms_per_step": {k[:120]: v / steps
+                                          for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
     return result
 
 

@@ -72,10 +72,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)))
-    with pytest.MonkeyPatch.context() as mp:  # the same isolated cache as conftest's per-test fixture
-        mp.setenv("LMSPRINT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        for name, extra in (("muon", MUON), ("soap", SOAP)):
-            train(build_config(None, [f"--data.source={corpus}", *ARGS, *extra]), run_dir=root / f"ref-{name}")
+    threads = torch.get_num_threads()
+    # one thread, as in the subprocesses (OMP_NUM_THREADS=1): another thread count sums in another order, and
+    # SOAP's eigenbases turn that rounding difference into ~1e-3 in the loss
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # the same isolated cache as conftest's per-test fixture
+            mp.setenv("LMSPRINT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+            for name, extra in (("muon", MUON), ("soap", SOAP)):
+                train(build_config(None, [f"--data.source={corpus}", *ARGS, *extra]), run_dir=root / f"ref-{name}")
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 

@@ -1,14 +1,11 @@
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_clean_error, run_cli, tiny_config
 
 from lmsprint.data.prepare import prepared_data
 from lmsprint.train.metrics import read_metrics
@@ -93,20 +90,6 @@ def test_sample_from_run(tmp_path: Path, corpus: Path) -> None:
     result = train(tiny_config(corpus), run_dir=tmp_path / "run")
     texts = sample(result.run_dir, prompt="the", max_new_tokens=10, num_samples=2)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-
-
-def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "lmsprint", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert pattern in lines[0], lines[0]
 
 
 TINY = ["--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2", "--train.steps=2",

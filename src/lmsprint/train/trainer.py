@@ -660,6 +660,8 @@ class Trainer:
         val_loss: float | None = self.val_history[-1][1] if self.val_history else None
         log_time, log_tokens, log_slots = 0.0, 0, 0
         first_step = self.step
+        # loss is this rank's share (summed), the norm is global already (averaged), stop votes are counted
+        stat_weights = torch.tensor([1.0, 1.0 / self.dist.world, 1.0], device=self.device)
         self._sync()
         t_mark = time.perf_counter()
         try:
@@ -680,8 +682,7 @@ class Trainer:
                 stop_votes = 0.0  # ranks that caught a stop signal: all ranks stop at the same step
                 if cfg.guard.enabled or log_now:
                     signalled = torch.full((), float(self._stop_signal is not None), device=self.device)
-                    stats = D.all_reduce_sum(torch.stack([loss.float(), norm.float(), signalled]) *
-                                             torch.tensor([1.0, 1.0 / self.dist.world, 1.0], device=self.device))
+                    stats = D.all_reduce_sum(torch.stack([loss.float(), norm.float(), signalled]) * stat_weights)
                     # host sync: once per step with the guard on; every rank gets the same values and decisions
                     loss_value, norm_value, stop_votes = stats.tolist()
                     if cfg.guard.enabled:
