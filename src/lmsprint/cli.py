@@ -26,6 +26,17 @@ def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
     return "fast" if torch.cuda.is_available() else None
 
 
+def _with_data(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The positional corpus argument, if given, as the --data.source override (flags after it still win)."""
+    return overrides if args.data is None else [f"--data.source={args.data}", *overrides]
+
+
+def _no_overrides(command: str, overrides: list[str]) -> None:
+    """Commands without a config reject stray --section.key arguments instead of ignoring them."""
+    if overrides:
+        raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint {command} --help")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a recipe name (see configs/) or a TOML file")
 
@@ -34,8 +45,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.train.trainer import new_run_dir, resume_config, train
 
-    if args.data is not None:
-        overrides = [f"--data.source={args.data}", *overrides]
+    overrides = _with_data(args, overrides)
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, overrides)
@@ -85,8 +95,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.sample import sample
 
-    if overrides:
-        raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint sample --help")
+    _no_overrides("sample", overrides)
     for flag, value, low in (("--tokens", args.tokens, 0), ("--num", args.num, 1), ("--top-k", args.top_k, 0)):
         if value < low:
             raise LmsprintError(f"{flag} must be at least {low}, got {value}")
@@ -125,8 +134,7 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.data.stats import stats_table
 
-    if args.data is not None:
-        overrides = [f"--data.source={args.data}", *overrides]
+    overrides = _with_data(args, overrides)
     cfg = build_config(args.config, overrides)
     print(stats_table(cfg))
     return 0
@@ -135,8 +143,7 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.export import export
 
-    if overrides:
-        raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint export --help")
+    _no_overrides("export", overrides)
     out = export(args.run, args.out)
     print(f"exported to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
           f"and AutoTokenizer.from_pretrained({str(out)!r})")
@@ -146,8 +153,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.compare import compare
 
-    if overrides:
-        raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint compare --help")
+    _no_overrides("compare", overrides)
     png = Path(args.png) if args.png else None
     print(compare(args.runs, target=args.target, png=png))
     if png:
@@ -158,8 +164,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.bench import bench
 
-    if args.data is not None:
-        overrides = [f"--data.source={args.data}", *overrides]
+    overrides = _with_data(args, overrides)
     out = Path(args.out)
     result = bench(args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")], overrides=overrides,
                    out_dir=out, target=None if args.target == "auto" else float(args.target), ablate=args.ablate,
@@ -173,8 +178,7 @@ def cmd_restarts(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.restarts import restarts
 
-    if args.data is not None:
-        overrides = [f"--data.source={args.data}", *overrides]
+    overrides = _with_data(args, overrides)
     cfg = build_config(_recipe_default(args.config, overrides), overrides)
     gpus: list[int] | None = None
     if args.gpus != "auto":

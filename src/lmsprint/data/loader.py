@@ -18,8 +18,7 @@ from torch import Tensor
 from lmsprint.data.batching import RowPlan, TokenStream, epoch_plan, padded_length
 from lmsprint.data.curriculum import SeqLenSchedule
 from lmsprint.errors import DataError
-
-IGNORE_INDEX = -100
+from lmsprint.model.gpt import IGNORE_INDEX  # the loss skips these targets (padding)
 
 
 @dataclass

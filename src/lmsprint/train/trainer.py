@@ -34,7 +34,7 @@ from lmsprint.data.loader import Loader, MicroBatch, StepBatch, eval_batches
 from lmsprint.data.prepare import PreparedData, prepared_data
 from lmsprint.data.tokenizer import load_tokenizer
 from lmsprint.errors import CheckpointError, ConfigError, LmsprintError
-from lmsprint.model import GPT, resolve_model_config
+from lmsprint.model import GPT, IGNORE_INDEX, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer
 from lmsprint.schedules import build_schedule
@@ -239,9 +239,11 @@ class Trainer:
                              micro_rows=micro, rank=self.dist.rank, world=world, seed=t.seed, doc_mask=d.doc_mask,
                              curriculum=curriculum, pad_multiple=d.pad_multiple, bucket_window=d.bucket_window,
                              pad_id=self.data.tokenizer.eot_id)
-        self.eval_set = eval_batches(self.val_stream, seq_len=d.seq_len, micro_rows=micro, max_tokens=t.eval_tokens,
-                                     rank=self.dist.rank, world=world, masked=self.loader.masked,
-                                     doc_mask=d.doc_mask, pad_id=self.data.tokenizer.eot_id)
+        # the fixed validation set lives on the device for the whole run: copied once, not at every evaluation
+        eval_set = eval_batches(self.val_stream, seq_len=d.seq_len, micro_rows=micro, max_tokens=t.eval_tokens,
+                                rank=self.dist.rank, world=world, masked=self.loader.masked, doc_mask=d.doc_mask,
+                                pad_id=self.data.tokenizer.eot_id)
+        self.eval_set = [mb.to(self.device) for mb in eval_set]
 
         self.guard = Guard(cfg.guard)
         self.step = 0
@@ -503,11 +505,10 @@ class Trainer:
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         with torch.no_grad():
             for mb in self.eval_set:
-                mb = mb.to(self.device)
                 with _autocast(self.amp, self.device):
                     loss = self.wrapped(mb.inputs, mb.targets, pos=mb.pos, doc_ids=mb.doc_ids, reduction="sum")
                 total[0] += loss.double()
-                total[1] += (mb.targets != -100).sum()
+                total[1] += (mb.targets != IGNORE_INDEX).sum()
         D.all_reduce_sum(total)
         self.wrapped.train()
         return float(total[0] / total[1].clamp(min=1))
