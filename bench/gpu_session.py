@@ -140,7 +140,9 @@ def _train(name: str, recipe: str, overrides: list[str], args: argparse.Namespac
                                                                              if r["kind"] == "val"],
             "final_val": res.val_loss, "train_time": res.train_time, "compile_time": res.compile_time,
             "tokens_per_s": steady(recs, "tokens_per_s"), "mfu": steady(recs, "mfu"),
-            "mem_gb": steady(recs, "mem_gb"), "wall": time.time() - t0, "steps": res.step}
+            "mem_gb": steady(recs, "mem_gb"), "waste": steady(recs, "waste"), "wall": time.time() - t0,
+            "steps": res.step, "train": [[r["step"], r["tokens"], r["time"], r["loss"], r["grad_norm"]]
+                                         for r in recs if r["kind"] == "train"]}
 
 
 def phase_mfu(args: argparse.Namespace, out: Path) -> None:
