@@ -125,3 +125,24 @@ def test_cli_train_writes_run_and_sample(tmp_path: Path, corpus: Path) -> None:
     again = run_cli("train", str(corpus), *TINY, "--train.run_name=r", cwd=tmp_path)
     assert_clean_error(again, "already exists")
     json.loads((tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_compiled_runs_in_one_process_stay_compiled(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of different shapes one after another in a process (bench, studies, restarts) each compile their
+    own graphs: without a fresh Dynamo state per run, the ninth shape would pass Dynamo's recompile limit and
+    run eager without a word (it did on the H200). The eager backend keeps the test quick; the limit and the
+    graph count are Dynamo's, whatever the backend."""
+    from lmsprint.model import GPT
+
+    compile_blocks = GPT.compile_blocks
+    monkeypatch.setattr(GPT, "compile_blocks", lambda self: compile_blocks(self, backend="eager"))
+    graphs = []
+    for i in range(10):  # more distinct widths than torch._dynamo.config.recompile_limit (8)
+        cfg = tiny_config(corpus, train__compile=True, train__steps=3, train__eval_every=0, train__ckpt_every=0,
+                          model__n_embd=32 + 8 * i, model__n_layer=1)
+        run_dir = corpus.parent / f"run{i}"
+        train(cfg, run_dir=run_dir)
+        summary = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "summary")
+        graphs.append(summary["graphs"])
+    assert graphs[0] > 0
+    assert graphs == [graphs[0]] * 10  # each run compiled its own graphs (0 once Dynamo has given up)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from lmsprint import distributed as D
@@ -215,7 +216,12 @@ class Trainer:
             model.to(torch.bfloat16)
         self.model = model  # unwrapped: what is saved, sampled and exported
         if t.compile:
+            # Dynamo's state is per process: earlier runs in it (bench, studies, in-process restarts) would count
+            # against its recompile limit, past which it silently runs eager. Each run starts afresh (compiled
+            # kernels still come from Inductor's on-disk cache).
+            torch._dynamo.reset()
             model.compile_blocks()  # per-block compile before DDP/FSDP wrapping (torchtitan's order)
+        self._graphs_before = int(counters["stats"]["unique_graphs"])  # the summary counts this run's graphs
         # FSDP2 + bf16: bf16 all-gathered weights, fp32 gradient reduction and no autocast (see D.mixed_precision)
         param_dtype, self.amp = D.mixed_precision(cfg.dist.strategy, self.precision, self.dist.world)
         self.wrapped = D.wrap_model(model, cfg.dist.strategy, self.dist, param_dtype=param_dtype)
@@ -788,13 +794,11 @@ class Trainer:
             bar.close()
             restore_signals()
         if is_main and self.metrics:
-            from torch._dynamo.utils import counters
-
             self.metrics.write("summary", step=self.step, train_loss=last_loss, val_loss=val_loss,
                                train_time=self.train_time, compile_time=self.compile_time,
                                skipped=self.guard.bad_total, rollbacks=self.guard.rollbacks,
                                spikes=self.guard.spikes, tokens=self.tokens_seen,
-                               graphs=int(counters["stats"]["unique_graphs"]))
+                               graphs=int(counters["stats"]["unique_graphs"]) - self._graphs_before)
             self.metrics.close()
             if cfg.log.plot:
                 from lmsprint.plots import plot_run
