@@ -192,6 +192,12 @@ MORE_CASES = [
          _copy("runs", then=_corrupt_all_checkpoints)),
     Case("prepare-into-a-non-empty-directory", ("prepare", "corpus.jsonl", "--out", "runs"), "already exists and is "
          "not empty", _copy("corpus.jsonl", "runs")),
+    Case("schedule-step-not-a-number", ("schedule", "--at", "5,x"), "--at takes comma-separated step numbers"),
+    Case("schedule-in-epochs", ("schedule", "--train.epochs=2"), "needs the run length in steps"),
+    Case("too-few-length-milestones", ("train", "c.jsonl", *TINY, "--data.seq_schedule=tokens", "--data.seq_start=4",
+                                       "--data.seq_milestones=100"), "needs 2 doublings"),
+    Case("negative-spike-warmup", ("train", "c.jsonl", *TINY, "--guard.spike_warmup=-1"),
+         "--guard.spike_warmup must be >= 0"),
 ]
 
 

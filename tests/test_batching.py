@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from lmsprint.data.batching import STRATEGIES, TokenStream, epoch_plan, plan_stats
+from lmsprint.data.batching import STRATEGIES, TokenStream, epoch_plan, padded_length, plan_stats
 from lmsprint.data.curriculum import SeqLenSchedule
 from lmsprint.data.loader import IGNORE_INDEX, Loader, eval_batches, segments
 from lmsprint.data.shards import read_shard, write_shard
 
 EOT = 0
+PAD = 60000  # a pad id no fixture token takes, so padding is told apart from end-of-document tokens
 
 
 @pytest.fixture
@@ -91,8 +92,10 @@ def test_best_fit_never_splits_a_document_that_fits(stream: TokenStream) -> None
             assert n == lens[s]
 
 
-def test_document_masks_and_positions_restart(stream: TokenStream) -> None:
-    loader = Loader(stream, strategy="pack", seq_len=64, batch_rows=2, micro_rows=2, seed=0, doc_mask=True)
+@pytest.mark.parametrize("strategy", ["pack", "best-fit"])
+def test_document_masks_and_positions_restart(stream: TokenStream, strategy: str) -> None:
+    loader = Loader(stream, strategy=strategy, seq_len=64, batch_rows=2, micro_rows=2, seed=0, doc_mask=True,
+                    pad_id=PAD)
     mb = loader.next(0).micro[0]
     for row in range(2):
         inputs, seg, pos = mb.inputs[row], mb.doc_ids[row], mb.pos[row]
@@ -118,6 +121,15 @@ def test_curriculum_lengths() -> None:
     assert [stages.length_at(s) for s in (0, 9, 10, 20, 29, 30)] == [128, 128, 256, 512, 512, 1024]
     tokens = SeqLenSchedule("tokens", 1024, 256, total_steps=100, milestones=(1000, 3000), tokens_per_step=500)
     assert [tokens.length_at(s) for s in (0, 1, 2, 5, 6, 50)] == [256, 256, 512, 512, 1024, 1024]
+
+
+@pytest.mark.parametrize(("seq_len", "start", "lengths"), [(192, 64, [64, 128, 192]), (320, 64, [64, 128, 256, 320]),
+                                                          (256, 256, [256])])
+def test_stages_end_at_seq_len_when_it_is_not_a_power_of_two_times_start(seq_len: int, start: int,
+                                                                          lengths: list[int]) -> None:
+    sched = SeqLenSchedule("stages", seq_len, start, total_steps=100, warmup=0.5)
+    assert sorted({sched.length_at(s) for s in range(100)}) == lengths  # never beyond seq_len, ends there
+    assert sched.length_at(50) == seq_len
 
 
 def test_loader_curriculum_keeps_tokens_per_step(stream: TokenStream) -> None:
@@ -148,15 +160,16 @@ def test_loader_resume_is_exact(stream: TokenStream, strategy: str) -> None:
     def make() -> Loader:
         return Loader(stream, strategy=strategy, seq_len=64, batch_rows=4, micro_rows=4, seed=5)
 
-    a = make()
-    for step in range(7):
-        a.next(step)
-    state = a.state_dict()
-    b = make()
-    b.load_state_dict(state)
-    for step in range(7, 40):  # crosses epoch boundaries
-        x, y = a.next(step), b.next(step)
-        assert torch.equal(x.micro[0].inputs, y.micro[0].inputs) and x.n_targets == y.n_targets
+    for save in (7, 40):  # in the first epoch, and in the second (whose steps start mid-epoch for bucket)
+        a = make()
+        for step in range(save):
+            a.next(step)
+        state = a.state_dict()
+        b = make()
+        b.load_state_dict(state)
+        for step in range(save, save + 40):  # crosses epoch boundaries
+            x, y = a.next(step), b.next(step)
+            assert torch.equal(x.micro[0].inputs, y.micro[0].inputs) and x.n_targets == y.n_targets
 
 
 def test_ranks_get_disjoint_rows_and_the_same_counts(stream: TokenStream) -> None:
@@ -178,3 +191,87 @@ def test_eval_batches_are_fixed_and_shaped_like_training(stream: TokenStream) ->
     assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b))
     assert all(mb.inputs.shape == (4, 64) for mb in a)
     assert sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in a) == 299
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_rank_gets_disjoint_rows_and_each_token_once_per_epoch(stream: TokenStream, strategy: str,
+                                                                     world: int) -> None:
+    """Over whole epochs, all ranks together see every stream token once per epoch as an input, each real input
+    has its next stream token as target, and rows have the configured width."""
+    rows = epoch_plan(stream, strategy, 64, seed=3, epoch=0, batch_rows=8).n_rows
+    steps = int(np.lcm(rows, 8)) // 8  # a whole number of epochs
+    epochs = steps * 8 // rows
+    loaders = [Loader(stream, strategy=strategy, seq_len=64, batch_rows=8, micro_rows=2, rank=r, world=world, seed=3,
+                      doc_mask=strategy in ("pack", "best-fit"), pad_multiple=16, pad_id=PAD) for r in range(world)]
+    tokens = stream.read(0, stream.n_tokens)
+    seen = []
+    for step in range(steps):
+        batches = [loader.next(step) for loader in loaders]
+        assert len({(b.n_targets, b.n_tokens) for b in batches}) == 1  # every rank agrees on the step's counts
+        n_targets = 0
+        for mb in (mb for b in batches for mb in b.micro):
+            real = mb.inputs != PAD
+            width = 64
+            if strategy in ("pad", "bucket"):  # padded to the micro-batch's longest row, rounded up
+                width = padded_length(int(real.sum(1).max()), multiple=16, seq_len=64)
+            assert mb.inputs.shape == (2, width)
+            keep = mb.targets != IGNORE_INDEX
+            assert not (keep & ~real).any()  # padding is never a target
+            x, t = mb.inputs[keep & (mb.inputs != EOT)], mb.targets[keep & (mb.inputs != EOT)]
+            assert torch.equal(t, torch.from_numpy(tokens[x.numpy()]))  # input at position p = x - 1 predicts p + 1
+            seen.append(mb.inputs[real].numpy())
+            n_targets += int(keep.sum())
+        assert n_targets == batches[0].n_targets
+    seen_all = np.concatenate(seen)
+    expected = np.full(stream.n_tokens + 1, epochs)  # token 1 + p at position p, but EOT at document starts
+    expected[0], expected[stream.doc_starts + 1] = 0, 0
+    counts = np.bincount(seen_all[seen_all != EOT], minlength=stream.n_tokens + 1)
+    assert np.array_equal(counts, expected)  # no token lost or repeated, across ranks
+    assert int((seen_all == EOT).sum()) == epochs * len(stream.doc_starts)
+
+
+def test_bucket_batches_stay_aligned_with_steps_across_epochs(stream: TokenStream) -> None:
+    """An epoch whose rows do not fill whole steps must not shift the next epoch's buckets across steps: each
+    step inside an epoch is one bucket (rows longest first), not the tail of one and the head of another."""
+    loader = Loader(stream, strategy="bucket", seq_len=64, batch_rows=8, micro_rows=8, seed=0, bucket_window=64,
+                    pad_id=PAD)
+    assert epoch_plan(stream, "bucket", 64, seed=0, epoch=0, batch_rows=8).n_rows % 8 != 0
+    checked = 0
+    for step in range(60):  # three epochs
+        epoch = loader.epoch
+        lens = (loader.next(step).micro[0].inputs != PAD).sum(1)
+        if loader.epoch == epoch or loader.pos == 0:  # the step lies inside one epoch
+            assert torch.all(lens[:-1] >= lens[1:]), (step, lens.tolist())
+            checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("strategy", ["pack", "best-fit"])
+def test_resume_mid_curriculum_is_exact(stream: TokenStream, strategy: str) -> None:
+    """Resuming mid-schedule and after it (with short_mix) gives the same batches: tokens, targets, masks and
+    positions, sequence lengths and counts."""
+    sched = SeqLenSchedule("stages", 64, 16, total_steps=20, warmup=0.5, short_mix=0.3)
+
+    def make(seed: int = 5) -> Loader:
+        return Loader(stream, strategy=strategy, seq_len=64, batch_rows=12, micro_rows=4, seed=seed, doc_mask=True,
+                      curriculum=sched)
+
+    ref = make()
+    expected = [ref.next(step) for step in range(30)]
+    assert [expected[s].seq_len for s in (0, 4, 9, 10, 29)] == [16, 16, 32, 64, 64]
+    for save in (4, 7, 25):
+        a = make()
+        for step in range(save):
+            a.next(step)
+        b = make()
+        b.load_state_dict(a.state_dict())
+        for step in range(save, 30):
+            x, y = expected[step], b.next(step)
+            assert (x.n_targets, x.n_tokens, x.seq_len, x.sequences) == (y.n_targets, y.n_tokens, y.seq_len,
+                                                                         y.sequences)
+            for u, v in zip(x.micro, y.micro):
+                for t1, t2 in ((u.inputs, v.inputs), (u.targets, v.targets), (u.pos, v.pos), (u.doc_ids, v.doc_ids)):
+                    assert t1 is not None and t2 is not None and torch.equal(t1, t2)
+    other = make(seed=6).next(0).micro[0].inputs
+    assert not torch.equal(other, expected[0].micro[0].inputs)  # the seed sets the shuffle

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_docs
+from conftest import make_docs, tiny_config
 
 from lmsprint.data import sources
+from lmsprint.data.batching import STRATEGIES
 from lmsprint.data.prepare import load_prepared, prepare, prepared_data
 from lmsprint.data.shards import HEADER_BYTES, read_shard, write_shard
 from lmsprint.data.tokenizer import EOT, byte_tokenizer, load_tokenizer, train_bpe
@@ -201,3 +202,24 @@ def test_tinyshakespeare_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match="pass its path as the data source"):
         sources.tinyshakespeare()
+
+
+def test_data_stats_reports_every_strategy(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lmsprint data stats`: rows, real tokens, computed slots, waste and tokens per row of each strategy."""
+    from lmsprint.cli import main
+    from lmsprint.data.stats import strategy_stats
+
+    rows = strategy_stats(tiny_config(corpus, data__seq_len=256))
+    assert [r["strategy"] for r in rows] == list(STRATEGIES)
+    assert len({r["tokens"] for r in rows}) == 1  # every strategy places every token once
+    for r in rows:
+        assert r["slots"] >= r["tokens"] and r["waste"] == pytest.approx(1 - r["tokens"] / r["slots"])
+        assert r["tokens_per_row"] == pytest.approx(r["tokens"] / r["rows"])
+    by = {r["strategy"]: r for r in rows}
+    assert by["pack"]["waste"] < by["bucket"]["waste"] <= by["pad"]["waste"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "stats", str(corpus), "--data.tokenizer=byte", "--data.seq_len=256"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "| strategy | rows | real tokens | computed slots | waste | tokens/row |" in out
+    assert all(f"| {s} |" in out for s in STRATEGIES)

@@ -101,6 +101,27 @@ def test_untied_head_decay_and_lrs():
     assert all(g["lr"] == 1e-3 for g in defaults)
 
 
+def test_per_group_weight_decay():
+    """Embedding and head decay can differ from the matrices' (0 exempts the embeddings); gains stay at 0; the
+    optimizer applies each group's own decay."""
+    model = TinyGPT(tie=False)
+    cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, embed_weight_decay=0.0, head_weight_decay=0.5)
+    opt = build_optimizer(model.named_parameters(), cfg, total_steps=10)
+    assert {g["role"]: g["weight_decay"] for g in opt.param_groups} == {"matrix": 0.1, "embed": 0.0, "head": 0.5,
+                                                                         "scalar": 0.0}
+    embed, head = model.transformer.wte.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # zero gradients: the step is decay alone
+    opt.step()
+    assert torch.equal(model.transformer.wte.weight, embed)
+    torch.testing.assert_close(model.lm_head.weight, head * (1 - 1e-2 * 0.5))
+    with pytest.raises(ConfigError, match="apply to --optim.weight_decay_mode=fixed"):
+        build_optimizer(model.named_parameters(), OptimConfig(weight_decay_mode="horizon", embed_weight_decay=0.0),
+                        total_steps=10)
+    with pytest.raises(ConfigError, match="--optim.head_weight_decay must be >= 0"):
+        build_optimizer(model.named_parameters(), OptimConfig(head_weight_decay=-1.0), total_steps=10)
+
+
 def test_frozen_params_excluded():
     model = TinyGPT(tie=False)
     model.transformer.wpe.weight.requires_grad_(False)
@@ -224,6 +245,19 @@ def test_build_translates_config():
 def test_build_rejects_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_optimizer(TinyGPT().named_parameters(), OptimConfig(**overrides), total_steps=100)
+
+
+def test_build_rejects_decay_that_would_zero_or_flip_the_weights():
+    """Each step scales the weights by 1 - lr*wd: a horizon under one step (a short run) must not flip them."""
+    named = list(TinyGPT().named_parameters())
+    horizon = OptimConfig(lr=3e-3, weight_decay_mode="horizon", wd_horizon=0.1)
+    with pytest.raises(ConfigError, match=r"--optim.wd_horizon=0.1 x 5 steps is under one step: it would scale the "
+                       r"matrix weights by 1 - lr\*wd = -1 every step"):
+        build_optimizer(named, horizon, total_steps=5)
+    opt = build_optimizer(named, horizon, total_steps=20)  # tau_iter = 2 steps: strong, but still a decay
+    assert max(g["lr"] * g["weight_decay"] for g in opt.param_groups) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match=r"weight decay 2 of the matrix group at lr 0.5: .* lr\*wd must stay below 1"):
+        build_optimizer(named, OptimConfig(lr=0.5, weight_decay=2.0), total_steps=100)
 
 
 # ----------------------------------------------------------------------------------------------------------

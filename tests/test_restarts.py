@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import assert_clean_error, run_cli, tiny_config
 
 from lmsprint.errors import ConfigError
 from lmsprint.restarts import RestartRun, restarts, train_command
@@ -67,6 +67,17 @@ def test_successive_halving(tmp_path: Path, corpus: Path) -> None:
     assert f"| 1 | {second[0].seed} |" in table[2] and "**winner**" in table[2]
 
 
+def test_successive_halving_continues_only_keep_to_the_full_budget(tmp_path: Path, corpus: Path) -> None:
+    """Doubling the probe reaches the full budget while two runs are left: only the best --keep=1 trains on."""
+    cfg = tiny_config(corpus, train__steps=6, train__eval_every=3, train__ckpt_every=0)
+    result = restarts(cfg, n=4, keep=1, probe_steps=3, halving=True, out_dir=tmp_path / "sh", gpus=[],
+                      log=lambda s: None)
+    assert result.budgets == [3, 6]
+    best = min(result.runs, key=lambda r: r.val[3])
+    assert [r for r in result.runs if r.continued] == [best] and result.winner is best
+    assert [r.seed for r in result.runs if 6 in r.val] == [best.seed]
+
+
 def test_restarts_bad_arguments(tmp_path: Path, corpus: Path) -> None:
     cfg = tiny_config(corpus, **SWEEP)
     with pytest.raises(ConfigError, match="--probe-steps"):
@@ -79,6 +90,44 @@ def test_restarts_bad_arguments(tmp_path: Path, corpus: Path) -> None:
     (tmp_path / "b" / "seed-1338" / "config.toml").write_text("")
     with pytest.raises(ConfigError, match="seed-1338"):
         restarts(cfg, n=2, probe_steps=2, out_dir=tmp_path / "b", gpus=[])
+
+
+def test_gpu_ids_count_the_gpus_this_process_sees(tmp_path: Path, corpus: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CUDA_VISIBLE_DEVICES=4,5 GPU 1 is physical GPU 5; ids that are not visible are a clean error."""
+    import torch
+
+    import lmsprint.restarts as rs
+
+    envs: list[dict[str, str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        envs.append(kwargs["env"])  # type: ignore[arg-type]
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(rs.subprocess, "run", fake_run)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    run = RestartRun(7, tmp_path / "out" / "seed-7")
+    rs._subprocess(tmp_path / "base.toml", run, 2, True, gpu=1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    rs._subprocess(tmp_path / "base.toml", run, 2, True, gpu=1)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["5", "1"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = tiny_config(corpus, train__device="auto", **SWEEP)
+    for gpus in ([0, 2], [-1]):
+        with pytest.raises(ConfigError, match="CUDA GPUs are visible"):
+            restarts(cfg, n=2, probe_steps=2, out_dir=tmp_path / "g", gpus=gpus)
+    assert not (tmp_path / "g").exists()
+
+
+def test_cli_restarts_bad_input_is_one_line(tmp_path: Path, corpus: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    for args, message in ((["--n=2", "--keep=3"], "--keep"), (["--n=2", "--out=a-file"], "a-file")):
+        proc = run_cli("restarts", str(corpus), "--train.device=cpu", "--data.tokenizer=byte", "--train.steps=4",
+                       *args, cwd=tmp_path)
+        assert_clean_error(proc, message)
 
 
 def test_train_command() -> None:

@@ -349,6 +349,7 @@ def test_optimizer_schedules_unchanged():
         (ScheduleConfig(), -3, "--train.steps=-3"),
         (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 is above the peak --optim.lr=0.01"),
         (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 is negative"),
+        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan is not a number"),
         (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio=1.5 must be in [0, 1]"),
         (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor=0.0 must be in (0, 1]"),
         (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction=0.0 must be in (0, 1]"),
@@ -407,3 +408,19 @@ def test_import_is_light():
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = "import sys, lmsprint.schedules; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_cli_schedule_prints_and_draws(tmp_path: Path) -> None:
+    """`lmsprint schedule` tabulates the lr and draws the PNG (by default schedule.png); --compare adds the other
+    shapes to the table."""
+    from conftest import run_cli
+
+    proc = run_cli("schedule", "--train.steps=100", "--optim.lr=1e-2", "--schedule.warmup_steps=10",
+                   "--schedule.min_lr=1e-4", "--at", "0,10,100", "--compare", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "schedule.png").stat().st_size > 0
+    for shape in ("cosine", "sqrt", "linear"):
+        assert shape in proc.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.split()[:1] and
+            line.split()[0].isdigit()}
+    assert rows["0"][0] == "1.0000e-03" and rows["10"][0] == "1.0000e-02" and rows["100"][0] == "1.0000e-04"

@@ -73,15 +73,23 @@ def make_trainer(tmp_path: Path, corpus: Path, name: str = "run", **overrides: o
 # clipping
 
 
-@pytest.mark.parametrize("clip_norm,clip_value", [(0.05, 0.0), (0.0, 1e-3), (0.05, 1e-3), (0.0, 0.0)])
-def test_clip_matches_torch(tmp_path: Path, corpus: Path, clip_norm: float, clip_value: float) -> None:
-    trainer = make_trainer(tmp_path, corpus, train__clip_norm=clip_norm, train__clip_value=clip_value)
+@pytest.mark.parametrize("clip_norm,clip_value,precision", [
+    (0.05, 0.0, "fp32"), (0.0, 1e-3, "fp32"), (0.05, 1e-3, "fp32"), (0.0, 0.0, "fp32"),
+    (0.05, 0.0, "fp16"), (0.0, 1e-3, "fp16"),
+])
+def test_clip_matches_torch(tmp_path: Path, corpus: Path, clip_norm: float, clip_value: float,
+                            precision: str) -> None:
+    """fp16: the gradients are clipped (and their norm taken) after the loss scale is divided out."""
+    trainer = make_trainer(tmp_path, corpus, train__clip_norm=clip_norm, train__clip_value=clip_value,
+                           train__precision=precision)
     trainer._forward_backward(trainer.loader.next(0))
+    scale = trainer.scaler.get_scale() if trainer.scaler is not None else 1.0
+    assert (scale > 1.0) == (precision == "fp16")
     params = [p for p in trainer.model.parameters() if p.grad is not None]
     copies = []
     for p in params:
         q = p.detach().clone().requires_grad_(True)
-        q.grad = p.grad.clone()
+        q.grad = p.grad.clone() / scale  # the scale is a power of two: dividing it out is exact
         copies.append(q)
     pre_norm = torch.linalg.vector_norm(torch.stack([q.grad.norm() for q in copies]))
     if clip_norm > 0:
@@ -123,6 +131,28 @@ def test_logged_grad_norm_is_the_pre_clip_norm(tmp_path: Path, corpus: Path, pre
     for s in finite:
         assert logged[s] > 0.1  # above the clip threshold: the norm before clipping
         assert logged[s] == pytest.approx(rec.norms[s], rel=1e-5)
+
+
+def test_every_steps_pre_clip_norm_is_logged(tmp_path: Path, corpus: Path) -> None:
+    """A metrics line every 3 steps still carries the pre-clip norm of each of its 3 steps (the guard syncs them
+    to the host anyway)."""
+    trainer = make_trainer(tmp_path, corpus, train__steps=6, train__log_every=3, train__clip_norm=0.1)
+    norms: dict[int, float] = {}
+
+    class Record(Callback):
+        def on_grads(self, step: int, model: torch.nn.Module) -> None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norms[step] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    trainer.callbacks.append(Record())
+    trainer.run()
+    logged = records(trainer.run_dir, "train")
+    assert [r["step"] for r in logged] == [3, 6]
+    for r in logged:
+        expected = [norms[s] for s in range(r["step"] - 3, r["step"])]
+        assert r["grad_norms"] == pytest.approx(expected, rel=1e-5)
+        assert r["grad_norm"] == pytest.approx(expected[-1], rel=1e-5)
+        assert min(r["grad_norms"]) > 0.1  # before clipping
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,6 +230,49 @@ def test_fp16_overflow_is_skipped_by_the_scaler(tmp_path: Path, corpus: Path) ->
 
 # ----------------------------------------------------------------------------------------------------------
 # guard
+
+
+def test_guard_decisions_and_reasons() -> None:
+    from lmsprint.config import GuardConfig
+    from lmsprint.train.guard import Guard
+
+    guard = Guard(GuardConfig(max_bad_steps=2, spike_factor=2.0, spike_warmup=2, ema=0.5))
+    assert guard.check(10.0, 1.0) == "ok"
+    assert guard.check(30.0, 1.0) == "ok"  # a spike, but before spike_warmup good steps
+    assert guard.check(3.0, math.inf, overflow_expected=True) == "ok"  # fp16 overflow: the scaler's business
+    assert guard.reason == "" and guard.bad_total == 0
+    assert guard.check(math.nan, 1.0) == "skip" and "1 in a row" in guard.reason
+    assert guard.check(10.0, 1.0) == "ok" and guard.bad_in_row == 0  # a good step breaks the row
+    assert guard.check(2.0, math.nan) == "skip"
+    assert guard.check(2.0, math.inf) == "rollback" and "non-finite" in guard.reason and "2 in a row" in guard.reason
+    assert guard.bad_total == 3
+    guard.after_rollback()
+    ema = guard.ema
+    assert ema is not None and guard.check(2.5 * ema, 1.0) == "rollback"
+    assert guard.reason.startswith("loss spike") and f"{ema:.4g}" in guard.reason and guard.spikes == 1
+    assert guard.ema == ema  # the spike does not enter the moving average
+    restored = Guard(guard.cfg)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == guard.state_dict()
+
+
+def test_fp16_endless_overflow_becomes_bad_steps() -> None:
+    """Under loss scaling a non-finite gradient is an overflow for the scaler, until it has happened
+    OVERFLOWS_IN_ROW times in a row: then it is a NaN no scale can fix, and counts as a bad step (-> rollback)."""
+    from lmsprint.config import GuardConfig
+    from lmsprint.train.guard import OVERFLOWS_IN_ROW, Guard
+
+    guard = Guard(GuardConfig(max_bad_steps=2))
+    for _ in range(OVERFLOWS_IN_ROW):
+        assert guard.check(3.0, math.nan, overflow_expected=True) == "ok"
+    assert guard.check(3.0, 1.0, overflow_expected=True) == "ok" and guard.overflows_in_row == 0  # row broken
+    for _ in range(OVERFLOWS_IN_ROW):
+        assert guard.check(3.0, math.inf, overflow_expected=True) == "ok"
+    assert guard.bad_total == 0
+    assert guard.check(3.0, math.nan, overflow_expected=True) == "skip" and "overflows in a row" in guard.reason
+    assert guard.check(3.0, math.nan, overflow_expected=True) == "rollback" and guard.bad_total == 2
+    guard.after_rollback()
+    assert guard.check(3.0, math.inf, overflow_expected=True) == "ok"  # a fresh start for the scaler
 
 
 def test_nan_gradient_is_skipped_and_counted(tmp_path: Path, corpus: Path) -> None:
@@ -304,3 +377,24 @@ def test_fp16_guard_skip_and_rollback(tmp_path: Path, corpus: Path) -> None:
     assert result.skipped_steps == 1 and result.rollbacks == 1 and result.step == 10
     assert [e["step"] for e in events(trainer.run_dir, "skip")] == [3]
     assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [5]
+
+
+def test_rollback_skips_a_checkpoint_whose_weights_failed(tmp_path: Path, corpus: Path) -> None:
+    """Step 6 spikes on the weights checkpointed at step 6: going back there would fail again, so back to 4."""
+    trainer = make_trainer(tmp_path, corpus, train__ckpt_every=2, train__keep_checkpoints=3, guard__spike_factor=3,
+                           guard__spike_warmup=2, guard__max_rollbacks=2)
+    bad: dict[str, torch.Tensor] = {}
+
+    class BadWeights(Callback):
+        def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+            weights = ckpt.model_state(trainer.model)
+            if step == 6 and not bad:
+                bad.update({k: v.clone() for k, v in weights.items()})
+            spiked = step == 6 and all(torch.equal(bad[k], v) for k, v in weights.items())
+            return loss * 100 if spiked else loss
+
+    trainer.callbacks.append(BadWeights())
+    result = trainer.run()
+    assert result.rollbacks == 1 and result.step == 10
+    (event,) = events(trainer.run_dir, "rollback")
+    assert event["step"] == 4 and event["reason"].startswith("loss spike")

@@ -146,3 +146,29 @@ def test_compiled_runs_in_one_process_stay_compiled(corpus: Path, monkeypatch: p
         graphs.append(summary["graphs"])
     assert graphs[0] > 0
     assert graphs == [graphs[0]] * 10  # each run compiled its own graphs (0 once Dynamo has given up)
+
+
+def test_logged_rows_and_lengths_describe_the_step_taken(corpus: Path) -> None:
+    """Every train record's tokens_per_row is real tokens over rows, and its seq_len is the curriculum length of
+    the step just taken (not of the batch prepared for the next step)."""
+    from lmsprint.data.curriculum import SeqLenSchedule
+
+    cfg = tiny_config(corpus, data__batching="pad", data__pad_multiple=8, data__seq_len=512, train__steps=6,
+                      train__ckpt_every=0)
+    run_dir = corpus.parent / "pad"
+    train(cfg, run_dir=run_dir)
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    prev = 0
+    for r in recs:  # log_every=1: one step, batch_size rows per record
+        assert r["tokens_per_row"] == pytest.approx((r["tokens"] - prev) / cfg.train.batch_size)
+        prev = r["tokens"]
+    assert min(r["tokens_per_row"] for r in recs) < 0.8 * cfg.data.seq_len  # short documents: rows not full
+
+    cfg = tiny_config(corpus, data__seq_schedule="stages", data__seq_start=8, data__seq_warmup=0.5,
+                      train__steps=8, train__ckpt_every=0)
+    run_dir = corpus.parent / "stages"
+    train(cfg, run_dir=run_dir)
+    curriculum = SeqLenSchedule("stages", 32, 8, 8, warmup=0.5)
+    lengths = {r["step"]: r["seq_len"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+    assert lengths == {s: curriculum.length_at(s - 1) for s in range(1, 9)}
+    assert len(set(lengths.values())) == 3  # 8, 16, 32

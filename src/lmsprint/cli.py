@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from lmsprint.errors import LmsprintError
+from lmsprint.errors import ConfigError, LmsprintError
 
 
 def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
@@ -121,12 +121,17 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.schedules import schedule_report
 
     cfg = build_config(args.config, overrides)
-    steps = [int(s) for s in args.at.split(",")] if args.at else None
-    png = Path(args.png) if args.png else None
+    if cfg.train.epochs is not None:
+        raise ConfigError("lmsprint schedule needs the run length in steps (epochs depend on the corpus): pass "
+                          "--train.epochs=none --train.steps=N")
+    try:
+        steps = [int(s) for s in args.at.split(",")] if args.at else None
+    except ValueError:
+        raise ConfigError(f"--at takes comma-separated step numbers, e.g. --at 0,100,500; got {args.at!r}") from None
+    png = Path(args.png)
     print(schedule_report(cfg.schedule, peak_lr=cfg.optim.lr, total_steps=cfg.train.steps, at_steps=steps, png=png,
                           compare=args.compare))
-    if png:
-        print(f"plot: {png}")
+    print(f"plot: {png}")
     return 0
 
 
@@ -237,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
     _add_config_args(p)
     p.add_argument("--at", help="comma-separated steps to print (default: a spread over the run)")
-    p.add_argument("--png", help="draw the schedule to this PNG")
+    p.add_argument("--png", default="schedule.png", help="draw the schedule to this PNG (default: schedule.png)")
     p.add_argument("--compare", action="store_true", help="draw cosine, sqrt, linear and wsd decay together")
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers model",

@@ -132,6 +132,10 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay of every tensor with 2+ dimensions, embeddings included (nanoGPT's rule); norm
     gains and biases get none."""
+    embed_weight_decay: float | None = None
+    """Weight decay of the embeddings (default: weight_decay; 0 exempts them). fixed mode only."""
+    head_weight_decay: float | None = None
+    """Weight decay of an untied output head (default: weight_decay). fixed mode only."""
     weight_decay_mode: Literal["fixed", "horizon"] = "fixed"
     """fixed: use weight_decay as given; horizon: set it so 1/(lr*wd) = wd_horizon x total steps."""
     wd_horizon: float = 0.1
@@ -563,6 +567,10 @@ def validate(cfg: RunConfig) -> None:
         _check(len(d.seq_milestones) > 0, "--data.seq_schedule=tokens needs --data.seq_milestones=T1,T2,...")
         _check(all(b > a for a, b in zip(d.seq_milestones, d.seq_milestones[1:])) and d.seq_milestones[0] > 0,
                f"--data.seq_milestones must be positive and increasing, got {d.seq_milestones}")
+        doublings = math.ceil(math.log2(d.seq_len / d.seq_start)) if 0 < d.seq_start < d.seq_len else 0
+        _check(len(d.seq_milestones) >= doublings,
+               f"--data.seq_milestones has {len(d.seq_milestones)} milestones but {d.seq_start} -> {d.seq_len} "
+               f"needs {doublings} doublings; give {doublings} token counts")
     if d.doc_mask:
         _check(d.batching in ("pack", "best-fit"), "--data.doc_mask applies to pack/best-fit rows; pad and "
                "bucket rows hold one document already")
@@ -573,7 +581,12 @@ def validate(cfg: RunConfig) -> None:
     for key in ("lr", "embed_lr", "head_lr", "scalar_lr"):
         v = getattr(o, key)
         _check(v is None or (v > 0 and math.isfinite(v)), f"--optim.{key} must be a positive number, got {v}")
-    _check(o.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
+    for key in ("weight_decay", "embed_weight_decay", "head_weight_decay"):
+        v = getattr(o, key)
+        _check(v is None or (math.isfinite(v) and v >= 0), f"--optim.{key} must be >= 0, got {v}")
+    _check(o.weight_decay_mode == "fixed" or (o.embed_weight_decay is None and o.head_weight_decay is None),
+           "--optim.embed_weight_decay/head_weight_decay apply to --optim.weight_decay_mode=fixed; horizon mode "
+           "derives every group's decay from its lr")
     _check(o.eps > 0, f"--optim.eps must be > 0, got {o.eps}")
     _check(o.wd_horizon > 0, f"--optim.wd_horizon must be > 0, got {o.wd_horizon}")
     if o.betas is not None:
@@ -609,6 +622,7 @@ def validate(cfg: RunConfig) -> None:
                f"--train.run_name must be a plain directory name, got {t.run_name!r}")
 
     _check(g.max_bad_steps >= 1, f"--guard.max_bad_steps must be >= 1, got {g.max_bad_steps}")
+    _check(g.spike_warmup >= 0, f"--guard.spike_warmup must be >= 0, got {g.spike_warmup}")
     _check(g.spike_factor == 0 or g.spike_factor > 1, f"--guard.spike_factor must be 0 (off) or > 1, got "
            f"{g.spike_factor}")
     _check(0.0 < g.ema < 1.0, f"--guard.ema must be in (0, 1), got {g.ema}")

@@ -108,10 +108,23 @@ def train_command(base_toml: Path, run: RestartRun, stop: int | None, first: boo
     return cmd + [f"--train.stop_at_step={stop or 'none'}", "--sample=0", "--log.progress=false"]
 
 
+def _visible_device(gpu: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that shows a subprocess GPU ``gpu`` as this process numbers it.
+
+    GPU ids count the devices this process sees: under ``CUDA_VISIBLE_DEVICES=2,3`` (a scheduler's share of
+    the machine) id 1 is physical GPU 3, not GPU 1 of someone else.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(gpu)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return ids[gpu] if 0 <= gpu < len(ids) else str(gpu)
+
+
 def _subprocess(base_toml: Path, run: RestartRun, stop: int | None, first: bool, gpu: int) -> None:
     log = run.run_dir.parent / "logs" / f"{run.run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": _visible_device(gpu)}
     with open(log, "a") as f:
         rc = subprocess.run(train_command(base_toml, run, stop, first), env=env, stdout=f, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL).returncode
@@ -186,9 +199,16 @@ def _resolve_gpus(cfg: RunConfig, gpus: int | Sequence[int] | None) -> list[int]
 
         n = torch.cuda.device_count() if cfg.train.device != "cpu" and torch.cuda.is_available() else 0
         return list(range(n)) if n >= 2 else []
-    if isinstance(gpus, int):
-        return list(range(gpus))
-    return [int(g) for g in gpus]
+    ids = list(range(gpus)) if isinstance(gpus, int) else [int(g) for g in gpus]
+    if ids and cfg.train.device != "cpu":  # a GPU that is not there would silently train on the CPU
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [g for g in ids if not 0 <= g < n]
+        if missing:
+            raise ConfigError(f"--gpus {','.join(map(str, missing))}: {n} CUDA GPUs are visible here (ids 0.."
+                              f"{n - 1}); use visible ids, --gpus none, or --train.device=cpu")
+    return ids
 
 
 def _probe_budget(total: int, probe_steps: int | None, probe_fraction: float | None) -> int:
@@ -249,10 +269,14 @@ def restarts(cfg: RunConfig, *, n: int, keep: int = 1, probe_steps: int | None =
     taken = [r.run_dir.name for r in runs if r.run_dir.exists() and any(r.run_dir.iterdir())]
     if taken:
         raise ConfigError(f"{out} already holds {', '.join(taken)}; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     gpu_ids = _resolve_gpus(cfg, gpus)
     base_toml = out / "base.toml"
-    base_toml.write_text(to_toml(cfg))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        base_toml.write_text(to_toml(cfg))
+    except OSError as e:
+        raise ConfigError(f"cannot write the restarts directory {out} ({e.strerror or e}); choose another --out "
+                          "or check its permissions") from None
     if gpu_ids:  # prepare the data once here: parallel first runs would race to fill the same cache entry
         from lmsprint.data.prepare import prepared_data
 
@@ -272,9 +296,11 @@ def restarts(cfg: RunConfig, *, n: int, keep: int = 1, probe_steps: int | None =
         ok = sorted((r for r in alive if budget in r.val), key=lambda r: r.val[budget])
         if budget >= total or not ok:
             break
-        n_next = max(keep, math.ceil(len(alive) / 2)) if halving else keep
-        alive = ok[:n_next]
-        budget = total if not halving or len(alive) <= keep else min(total, 2 * budget)
+        budget = min(total, 2 * budget) if halving else total
+        # halve the survivors at each doubled budget; only the best keep train to the full budget
+        alive = ok[:max(keep, math.ceil(len(alive) / 2)) if budget < total else keep]
+        if len(alive) <= keep:
+            budget = total
     for r in runs:
         r.continued = total in r.val
     finished = [r for r in runs if r.continued]

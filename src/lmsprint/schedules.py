@@ -193,6 +193,9 @@ def resolve_schedule(cfg: ScheduleConfig, *, total_steps: int, peak_lr: float) -
         raise ConfigError(f"--schedule.start_factor={cfg.start_factor} must be in (0, 1]")
 
     if cfg.min_lr is not None:
+        if math.isnan(cfg.min_lr):
+            raise ConfigError(f"--schedule.min_lr={cfg.min_lr} is not a number; give a floor between 0 and the peak "
+                              f"--optim.lr={peak_lr}")
         if cfg.min_lr < 0:
             raise ConfigError(f"--schedule.min_lr={cfg.min_lr} is negative; use 0 to decay to zero")
         if cfg.min_lr > peak_lr:
@@ -273,9 +276,12 @@ class LRSchedule(LRScheduler):
 class GroupSchedule:
     """Sets ``group[key] = fn(step)`` on an optimizer's param groups, like an lr scheduler for another knob.
 
-    Used for Muon's momentum warm-up (key ``"momentum"``, :func:`muon_momentum`) and AdEMAMix's ``"alpha"`` /
-    ``"beta3"`` warm-ups. Only the groups that have ``key`` are touched. Step it once after every optimizer
-    step, like the lr scheduler; the state dict holds only the step.
+    For optimizers that read the knob from their param groups at every step, e.g. ``"momentum"`` of torch's SGD or
+    of :class:`~lmsprint.optim.Muon` with ``momentum_warmup=0``, or ``"alpha"`` of
+    :class:`~lmsprint.optim.AdEMAMix` with ``alpha_warmup=0``. lmsprint's Muon and AdEMAMix normally run their
+    warm-ups themselves (:func:`muon_momentum`, :func:`ademamix_alpha`, :func:`ademamix_beta3` at each parameter's
+    saved step), which the trainer relies on; do not schedule a knob twice. Only the groups that have ``key`` are
+    touched. Step it once after every optimizer step, like the lr scheduler; the state dict holds only the step.
 
     Args:
         optimizer: The optimizer whose groups to set.

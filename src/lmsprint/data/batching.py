@@ -7,7 +7,7 @@ ignored). Over an epoch every stream position is an input exactly once, so no to
 - ``pack``: the stream cut into consecutive rows of ``seq_len`` (the last one padded); rows shuffled.
 - ``pad``: one document per row (documents longer than a row continue in the next rows); documents shuffled.
 - ``bucket``: the ``pad`` rows, sorted by length within windows of ``bucket_window`` batches, so each batch
-  holds rows of similar length and pads less; batches shuffled within the window.
+  holds rows of similar length and pads less; batches shuffled within the window, aligned with optimizer steps.
 - ``best-fit``: whole documents placed into rows by best-fit decreasing (each into the fullest row it still
   fits); a document longer than a row fills whole rows and its remainder is placed like a document.
 """
@@ -107,17 +107,22 @@ def pad_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator) -> Row
     return _single_span_rows(s, n)
 
 
-def bucket_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator, *, batch_rows: int,
-                window: int) -> RowPlan:
+def bucket_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator, *, batch_rows: int, window: int,
+                lead: int = 0) -> RowPlan:
+    """Batches are aligned with optimizer steps, so that no step straddles two buckets: ``lead`` rows of the
+    epoch's first step come from the previous epoch (the first batch is short by as many), and a short last
+    batch stays last (it shares a step with the next epoch)."""
     plan = pad_plan(stream, seq_len, rng)
     lens = plan.span_len
-    group = batch_rows * window
+    first = min((batch_rows - lead) % batch_rows, len(lens))
+    edges = sorted({0, first, *range(first, len(lens), batch_rows * window), len(lens)})
     order: list[np.ndarray] = []
-    for lo in range(0, len(lens), group):
-        idx = np.arange(lo, min(lo + group, len(lens)))
+    for lo, hi in zip(edges, edges[1:]):
+        idx = np.arange(lo, hi)
         idx = idx[np.argsort(-lens[idx], kind="stable")]  # longest first within the window
         batches = [idx[i : i + batch_rows] for i in range(0, len(idx), batch_rows)]
-        order += [batches[j] for j in rng.permutation(len(batches))]
+        full = [b for b in batches if len(b) == batch_rows]  # a short batch is the window's last (or only) one
+        order += [full[j] for j in rng.permutation(len(full))] + batches[len(full) :]
     rows = np.concatenate(order) if order else np.zeros(0, np.int64)
     return _single_span_rows(plan.span_start[rows], plan.span_len[rows])
 
@@ -158,15 +163,15 @@ def best_fit_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator) -
 
 
 def epoch_plan(stream: TokenStream, strategy: str, seq_len: int, *, seed: int, epoch: int, batch_rows: int = 1,
-               bucket_window: int = 64) -> RowPlan:
-    """The rows of ``epoch`` for ``strategy`` (deterministic in seed and epoch)."""
+               bucket_window: int = 64, lead: int = 0) -> RowPlan:
+    """The rows of ``epoch`` for ``strategy`` (deterministic in seed, epoch and, for bucket, ``lead``)."""
     rng = np.random.default_rng([seed, epoch])
     if strategy == "pack":
         return pack_plan(stream, seq_len, rng)
     if strategy == "pad":
         return pad_plan(stream, seq_len, rng)
     if strategy == "bucket":
-        return bucket_plan(stream, seq_len, rng, batch_rows=batch_rows, window=bucket_window)
+        return bucket_plan(stream, seq_len, rng, batch_rows=batch_rows, window=bucket_window, lead=lead)
     if strategy == "best-fit":
         return best_fit_plan(stream, seq_len, rng)
     raise ValueError(f"unknown batching strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

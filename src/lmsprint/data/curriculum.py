@@ -7,7 +7,6 @@ shrinks and the tokens per optimizer step stay constant, and ``torch.compile`` n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -36,8 +35,9 @@ class SeqLenSchedule:
         if self.kind == "linear":
             length = self.start + (self.seq_len - self.start) * frac
             return max(self.start, min(self.seq_len, int(length // self.multiple * self.multiple)))
-        # stages: equal-length stages of start, 2 start, 4 start, ... reaching seq_len at the end of warm-up
-        n = int(round(math.log2(self.seq_len / self.start)))
+        # stages: equal-length stages of start, 2 start, 4 start, ... (capped at seq_len) reaching seq_len at the
+        # end of warm-up; n = ceil(log2(seq_len / start)) doublings, so a ratio of 3 or 5 still ends at seq_len
+        n = (-(-self.seq_len // self.start) - 1).bit_length()
         if n == 0:
             return self.seq_len
-        return self.start * 2 ** min(int(frac * n), n)
+        return min(self.start * 2 ** min(int(frac * n), n), self.seq_len)

@@ -138,6 +138,7 @@ class Loader:
         self.seed = seed
         self.epoch = 0
         self.pos = 0
+        self._lead = 0  # rows of the current epoch's first step taken from the previous epoch (bucket alignment)
         self._plan: RowPlan | None = None
 
     @property
@@ -148,11 +149,12 @@ class Loader:
     def _epoch_plan(self) -> RowPlan:
         if self._plan is None:
             self._plan = epoch_plan(self.stream, self.strategy, self.seq_len, seed=self.seed, epoch=self.epoch,
-                                    batch_rows=self.batch_rows, bucket_window=self.bucket_window)
+                                    batch_rows=self.batch_rows, bucket_window=self.bucket_window, lead=self._lead)
         return self._plan
 
     def _take_rows(self, n: int) -> RowPlan:
         parts: list[RowPlan] = []
+        want = n
         while n > 0:
             plan = self._epoch_plan()
             take = min(n, plan.n_rows - self.pos)
@@ -161,6 +163,7 @@ class Loader:
             n -= take
             if self.pos >= plan.n_rows:
                 self.epoch, self.pos, self._plan = self.epoch + 1, 0, None
+                self._lead = (want - n) % self.batch_rows  # rows of this step already taken
         ptrs, offset = [np.zeros(1, np.int64)], 0
         for p in parts:
             ptrs.append(p.ptr[1:] + offset)
@@ -210,13 +213,15 @@ class Loader:
 
     def reseed(self, seed: int) -> None:
         """Continue with a different shuffle (after a rollback), from the start of a new epoch."""
-        self.seed, self.epoch, self.pos, self._plan = seed, self.epoch + 1, 0, None
+        self.seed, self.epoch, self.pos, self._plan, self._lead = seed, self.epoch + 1, 0, None, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pos, self.seed = int(state["epoch"]), int(state["pos"]), int(state["seed"])
+        # states are saved between steps, so the epoch's first step ended at pos = batch_rows - lead (mod batch_rows)
+        self._lead = -self.pos % self.batch_rows
         self._plan = None
 
 

@@ -82,7 +82,12 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
             _check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
                    f"--optim.{key} must be positive, got {v}")
     _check(cfg.eps > 0, f"--optim.eps must be positive, got {cfg.eps}")
-    _check(cfg.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {cfg.weight_decay}")
+    for key in ("weight_decay", "embed_weight_decay", "head_weight_decay"):
+        v = getattr(cfg, key)
+        _check(v is None or (math.isfinite(v) and v >= 0), f"--optim.{key} must be >= 0, got {v}")
+    _check(cfg.weight_decay_mode == "fixed" or (cfg.embed_weight_decay is None and cfg.head_weight_decay is None),
+           "--optim.embed_weight_decay/head_weight_decay apply to --optim.weight_decay_mode=fixed; horizon mode "
+           "derives every group's decay from its lr")
     _check(cfg.weight_decay_mode in ("fixed", "horizon"),
            f"--optim.weight_decay_mode must be fixed or horizon, got {cfg.weight_decay_mode!r}")
     _check(cfg.wd_horizon > 0, f"--optim.wd_horizon must be positive, got {cfg.wd_horizon}")
@@ -109,6 +114,20 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
             _check(v is None or v >= 0, f"--optim.{key} must be >= 0 (0 = off; unset = the whole run), got {v}")
 
 
+def _check_decay(group: dict[str, Any], cfg: OptimConfig, total_steps: int) -> None:
+    """Decoupled decay scales the weights by ``1 - lr * wd`` every step: ``lr * wd >= 1`` would zero or flip them
+    (a horizon under one step, or a decay that large)."""
+    shrink = group["lr"] * group["weight_decay"]
+    if shrink < 1:
+        return
+    if cfg.weight_decay_mode == "horizon":
+        cause = f"--optim.wd_horizon={cfg.wd_horizon} x {total_steps} steps is under one step"
+    else:
+        cause = f"weight decay {group['weight_decay']:g} of the {group['role']} group at lr {group['lr']:g}"
+    raise ConfigError(f"{cause}: it would scale the {group['role']} weights by 1 - lr*wd = {1 - shrink:.3g} every "
+                      "step; lr*wd must stay below 1")
+
+
 def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, *,
                     total_steps: int, data_parallel: bool = False) -> torch.optim.Optimizer:
     """Build the run's optimizer: param groups by the policy, then the optimizer named by ``cfg.name``.
@@ -133,12 +152,14 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
     name = cfg.name
     named = list(named_params)
     groups = build_param_groups(named, lr=cfg.lr, weight_decay=cfg.weight_decay, embed_lr=cfg.embed_lr,
-                                head_lr=cfg.head_lr, scalar_lr=cfg.scalar_lr, muon=name == "muon")
+                                head_lr=cfg.head_lr, scalar_lr=cfg.scalar_lr, embed_weight_decay=cfg.embed_weight_decay,
+                                head_weight_decay=cfg.head_weight_decay, muon=name == "muon")
     _check(len(groups) > 0, "the model has no trainable parameters to optimise")
     if cfg.weight_decay_mode == "horizon":
         apply_horizon_weight_decay(groups, horizon=cfg.wd_horizon, total_steps=total_steps)
     check_param_groups(named, groups)
     for group in groups:
+        _check_decay(group, cfg, total_steps)
         group["initial_lr"] = group["lr"]
     betas = {} if cfg.betas is None else {"betas": tuple(cfg.betas)}
 

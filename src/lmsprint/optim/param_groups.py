@@ -63,6 +63,7 @@ def horizon_weight_decay(lr: float, *, horizon: float, total_steps: int) -> floa
 
 def build_param_groups(named_params: Iterable[tuple[str, torch.Tensor]], *, lr: float, weight_decay: float = 0.0,
                        embed_lr: float | None = None, head_lr: float | None = None, scalar_lr: float | None = None,
+                       embed_weight_decay: float | None = None, head_weight_decay: float | None = None,
                        muon: bool = False) -> list[dict[str, Any]]:
     """Split a model's parameters into param groups by role.
 
@@ -73,6 +74,8 @@ def build_param_groups(named_params: Iterable[tuple[str, torch.Tensor]], *, lr: 
         embed_lr: Learning rate of the embeddings (default ``lr``).
         head_lr: Learning rate of an untied output head (default ``lr``).
         scalar_lr: Learning rate of 1-D tensors (default ``lr``).
+        embed_weight_decay: Decay of the embeddings (default ``weight_decay``).
+        head_weight_decay: Decay of an untied output head (default ``weight_decay``).
         muon: Add ``use_muon`` to every group: True for the 2-D hidden matrices only.
 
     Returns:
@@ -81,6 +84,8 @@ def build_param_groups(named_params: Iterable[tuple[str, torch.Tensor]], *, lr: 
     """
     lrs = {"matrix": lr, "embed": lr if embed_lr is None else embed_lr, "head": lr if head_lr is None else head_lr,
            "scalar": lr if scalar_lr is None else scalar_lr}
+    wds = {"matrix": weight_decay, "embed": weight_decay if embed_weight_decay is None else embed_weight_decay,
+           "head": weight_decay if head_weight_decay is None else head_weight_decay, "scalar": 0.0}
     buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
     seen: set[int] = set()
     for name, p in named_params:
@@ -95,7 +100,7 @@ def build_param_groups(named_params: Iterable[tuple[str, torch.Tensor]], *, lr: 
             if (role, use_muon) not in buckets:
                 continue
             group: dict[str, Any] = {"params": buckets[(role, use_muon)], "role": role, "lr": lrs[role],
-                                     "weight_decay": weight_decay if role in DECAYED_ROLES else 0.0}
+                                     "weight_decay": wds[role] if role in DECAYED_ROLES else 0.0}
             if muon:
                 group["use_muon"] = use_muon
             groups.append(group)

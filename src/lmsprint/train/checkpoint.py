@@ -197,9 +197,12 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
-def latest_valid(ckpt_root: Path, warn: Any = print) -> Path | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported through ``warn`` and skipped."""
+def latest_valid(ckpt_root: Path, warn: Any = print, *, max_step: int | None = None) -> Path | None:
+    """The newest checkpoint that verifies (of those at most ``max_step``); corrupt newer ones are reported through
+    ``warn`` and skipped."""
     for path in reversed(list_checkpoints(ckpt_root)):
+        if max_step is not None and int(path.name[len(PREFIX):]) > max_step:
+            continue
         try:
             verify(path)
             return path

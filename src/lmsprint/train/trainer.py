@@ -37,7 +37,7 @@ from lmsprint.data.tokenizer import load_tokenizer
 from lmsprint.errors import CheckpointError, ConfigError, LmsprintError
 from lmsprint.model import GPT, IGNORE_INDEX, resolve_model_config
 from lmsprint.model.layers import flex_available
-from lmsprint.optim import build_optimizer
+from lmsprint.optim import build_optimizer, describe
 from lmsprint.schedules import build_schedule
 from lmsprint.train import checkpoint as ckpt
 from lmsprint.train.guard import Guard
@@ -257,6 +257,8 @@ class Trainer:
         self.train_time = 0.0
         self.compile_time = 0.0
         self.lr_scale = 1.0
+        self.good_step = 0
+        """The newest step whose weights passed the guard: a rollback goes to a checkpoint no newer than it."""
         self.val_history: list[tuple[int, float]] = []
         self.flops_per_token = model.flops_per_token(d.seq_len)
         self.peak = peak_flops(self.device, t.peak_tflops) if self.dist.is_main else None
@@ -410,9 +412,10 @@ class Trainer:
                 group["initial_lr"] *= factor
             self.scheduler.load_state_dict(self.scheduler.state_dict())  # re-applies the lr of the current step
 
-    def _latest_checkpoint(self) -> Path | None:
-        """The newest valid checkpoint, as rank 0 finds it (one rank reads the checksums; all load the same one)."""
-        path = ckpt.latest_valid(self.ckpt_root, warn=self.log_line) if self.dist.is_main else None
+    def _latest_checkpoint(self, max_step: int | None = None) -> Path | None:
+        """The newest valid checkpoint (at most ``max_step``), as rank 0 finds it (one rank reads the checksums; all
+        load the same one)."""
+        path = ckpt.latest_valid(self.ckpt_root, warn=self.log_line, max_step=max_step) if self.dist.is_main else None
         found = D.broadcast_object(None if path is None else str(path))
         return None if found is None else Path(str(found))
 
@@ -429,18 +432,22 @@ class Trainer:
                                   f"checksum); delete {self.ckpt_root} to train this run again from step 0, or "
                                   "start a new run")
         self._load(path, rollback=False)
+        self.good_step = self.step
         self.log_line(f"resumed from {path} at step {self.step}")
         if self.metrics:
             self.metrics.write("event", event="resume", step=self.step, checkpoint=str(path))
 
     def _rollback(self) -> None:
+        reason = self.guard.reason
         self.guard.after_rollback()
         g = self.cfg.guard
         if self.guard.rollbacks > g.max_rollbacks:
             raise TrainingDiverged(f"training diverged: more than {g.max_rollbacks} rollbacks; lower --optim.lr, "
                                    "enable --train.clip_norm or raise --guard.max_rollbacks")
         self.lr_scale *= g.rollback_lr_factor
-        path = self._latest_checkpoint()
+        # the newest checkpoint whose weights passed the guard: one saved just before the failure may hold the
+        # weights that failed (its step is judged only after it is written)
+        path = self._latest_checkpoint(max_step=self.good_step)
         if path is not None:
             self._load(path, rollback=True)
         else:  # nothing saved yet: back to the initial state
@@ -460,14 +467,16 @@ class Trainer:
             self.val_history = []
             # the moving average describes the trained model: judged against it, the initial loss is a "spike"
             self.guard.ema, self.guard.seen = None, 0
+        self.good_step = self.step  # newer checkpoints belong to the abandoned attempt
         if g.rollback_reseed:
             self.loader.reseed(self.cfg.train.seed + 1000 * self.guard.rollbacks)
-        message = (f"rollback #{self.guard.rollbacks} to step {self.step} ({path or 'initial weights'}); lr scale "
-                   f"{self.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
+        message = (f"{reason}: rollback #{self.guard.rollbacks} to step {self.step} ({path or 'initial weights'}); "
+                   f"lr scale {self.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
         self.log_line(message)
         if self.metrics:
             self.metrics.write("event", event="rollback", step=self.step, checkpoint=str(path or ""),
-                               lr_scale=self.lr_scale, rollbacks=self.guard.rollbacks)
+                               lr_scale=self.lr_scale, rollbacks=self.guard.rollbacks, reason=reason,
+                               data_seed=self.loader.seed)
 
     # ------------------------------------------------------------------------------------------------------
     # steps
@@ -652,7 +661,7 @@ class Trainer:
                                params=self.model.num_params(), world=self.dist.world, device=str(self.device),
                                precision=self.precision, total_steps=self.total_steps, accum=self.accum,
                                micro_batch=self.micro_rows, torch=torch.__version__,
-                               optimizer=type(self.optimizer).__name__)
+                               optimizer=describe(self.optimizer))
         self.log_line(f"model {self.model.num_params() / 1e6:.2f}M params | {self.total_steps} steps of "
                       f"{t.batch_size}x{cfg.data.seq_len} tokens | {self.device} {self.precision} | run {self.run_dir}")
         loader_state = self.loader.state_dict()
@@ -665,7 +674,8 @@ class Trainer:
                    disable=not (cfg.log.progress and is_main))
         last_loss: float | None = None
         val_loss: float | None = self.val_history[-1][1] if self.val_history else None
-        log_time, log_tokens, log_slots = 0.0, 0, 0
+        log_time, log_tokens, log_slots, log_rows = 0.0, 0, 0, 0
+        log_norms: list[float] = []  # pre-clip norm of every step of the window whose stats reached the host
         first_step = self.step
         # loss is this rank's share (summed), the norm is global already (averaged), stop votes are counted
         stat_weights = torch.tensor([1.0, 1.0 / self.dist.world, 1.0], device=self.device)
@@ -692,6 +702,7 @@ class Trainer:
                     stats = D.all_reduce_sum(torch.stack([loss.float(), norm.float(), signalled]) * stat_weights)
                     # host sync: once per step with the guard on; every rank gets the same values and decisions
                     loss_value, norm_value, stop_votes = stats.tolist()
+                    log_norms.append(norm_value)
                     if cfg.guard.enabled:
                         decision = self.guard.check(loss_value, norm_value, overflow_expected=self.scaler is not None)
                 if self.scaler is not None and decision != "ok":
@@ -704,6 +715,7 @@ class Trainer:
                     bar.n = self.step
                     continue
                 if decision == "ok":
+                    self.good_step = step
                     if self.scaler is not None:
                         self.scaler.step(self.optimizer)  # skips the update if the unscaled gradients overflowed
                         self.scaler.update()
@@ -726,6 +738,8 @@ class Trainer:
                 self.tokens_seen += batch.n_tokens
                 log_tokens += batch.n_tokens
                 log_slots += sum(mb.inputs.numel() for mb in batch.micro) * self.dist.world
+                log_rows += sum(mb.inputs.shape[0] for mb in batch.micro) * self.dist.world
+                step_seq_len = batch.seq_len  # the step just taken (batch becomes the next one below)
                 batch, micro, loader_state = next_batch, next_micro, next_state
                 if math.isfinite(loss_value):
                     last_loss = loss_value
@@ -740,10 +754,11 @@ class Trainer:
                     t_mark = now
                     dt = max(log_time, 1e-9)
                     record = {"step": self.step, "loss": loss_value, "lr": self._main_lr(),
-                              "grad_norm": norm_value, "tokens": self.tokens_seen, "time": self.train_time,
-                              "tokens_per_s": log_tokens / dt, "seq_len": batch.seq_len,
+                              "grad_norm": norm_value, "grad_norms": log_norms, "tokens": self.tokens_seen,
+                              "time": self.train_time,
+                              "tokens_per_s": log_tokens / dt, "seq_len": step_seq_len,
                               "waste": 1.0 - log_tokens / max(log_slots, 1),
-                              "tokens_per_row": log_tokens / max(log_slots, 1) * self.cfg.data.seq_len,
+                              "tokens_per_row": log_tokens / max(log_rows, 1),
                               "skipped": self.guard.bad_total}
                     if self.peak:
                         record["mfu"] = log_slots / dt * self.flops_per_token / self.peak
@@ -754,7 +769,7 @@ class Trainer:
                     if self.metrics:
                         self.metrics.write("train", **record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{log_tokens / dt:,.0f}", refresh=False)
-                    log_time, log_tokens, log_slots = 0.0, 0, 0
+                    log_time, log_tokens, log_slots, log_rows, log_norms = 0.0, 0, 0, 0, []
                 if (t.eval_every and self.step % t.eval_every == 0) or end:
                     self._sync()
                     log_time += time.perf_counter() - t_mark
