@@ -43,6 +43,12 @@ def test_overrides_both_spellings() -> None:
         (["--optim.lr"], "--optim.lr needs a value"),
         (["positional"], "unexpected argument 'positional'"),
         (["--schedule.min_lr=1.0", "--optim.lr=0.1"], "--schedule.min_lr=1.0 must be between 0 and the peak"),
+        (["--optim.name=ademamix", "--optim.alpha=inf"], "--optim.alpha must be a number >= 0, got inf"),
+        (["--optim.eps=inf"], "--optim.eps must be a positive number, got inf"),
+        (["--optim.wd_horizon=nan"], "--optim.wd_horizon must be a positive number, got nan"),
+        (["--optim.embed_weight_decay=-0.1"], "--optim.embed_weight_decay must be >= 0"),
+        (["--optim.weight_decay_mode=horizon", "--optim.head_weight_decay=0"], "apply to --optim.weight_decay_mode"),
+        (["--guard.spike_warmup=-5"], "--guard.spike_warmup must be >= 0"),
     ],
 )
 def test_invalid_values_name_the_flag(args: list[str], message: str) -> None:

@@ -587,8 +587,10 @@ def validate(cfg: RunConfig) -> None:
     _check(o.weight_decay_mode == "fixed" or (o.embed_weight_decay is None and o.head_weight_decay is None),
            "--optim.embed_weight_decay/head_weight_decay apply to --optim.weight_decay_mode=fixed; horizon mode "
            "derives every group's decay from its lr")
-    _check(o.eps > 0, f"--optim.eps must be > 0, got {o.eps}")
-    _check(o.wd_horizon > 0, f"--optim.wd_horizon must be > 0, got {o.wd_horizon}")
+    _check(math.isfinite(o.eps) and o.eps > 0, f"--optim.eps must be a positive number, got {o.eps}")
+    _check(math.isfinite(o.wd_horizon) and o.wd_horizon > 0, f"--optim.wd_horizon must be a positive number, got "
+           f"{o.wd_horizon}")
+    _check(math.isfinite(o.alpha) and o.alpha >= 0, f"--optim.alpha must be a number >= 0, got {o.alpha}")
     if o.betas is not None:
         _check(all(0.0 <= b < 1.0 for b in o.betas), f"--optim.betas must each be in [0, 1), got {o.betas}")
 
