@@ -575,18 +575,13 @@ def validate(cfg: RunConfig) -> None:
         _check(d.batching in ("pack", "best-fit"), "--data.doc_mask applies to pack/best-fit rows; pad and "
                "bucket rows hold one document already")
 
-    from lmsprint.optim import OPTIMIZERS
+    from lmsprint.optim import OPTIMIZERS, check_weight_decay_config
 
     _check(o.name in OPTIMIZERS, f"--optim.name: unknown optimizer {o.name!r}; choose from {', '.join(OPTIMIZERS)}")
     for key in ("lr", "embed_lr", "head_lr", "scalar_lr"):
         v = getattr(o, key)
         _check(v is None or (v > 0 and math.isfinite(v)), f"--optim.{key} must be a positive number, got {v}")
-    for key in ("weight_decay", "embed_weight_decay", "head_weight_decay"):
-        v = getattr(o, key)
-        _check(v is None or (math.isfinite(v) and v >= 0), f"--optim.{key} must be >= 0, got {v}")
-    _check(o.weight_decay_mode == "fixed" or (o.embed_weight_decay is None and o.head_weight_decay is None),
-           "--optim.embed_weight_decay/head_weight_decay apply to --optim.weight_decay_mode=fixed; horizon mode "
-           "derives every group's decay from its lr")
+    check_weight_decay_config(o)
     _check(math.isfinite(o.eps) and o.eps > 0, f"--optim.eps must be a positive number, got {o.eps}")
     _check(math.isfinite(o.wd_horizon) and o.wd_horizon > 0, f"--optim.wd_horizon must be a positive number, got "
            f"{o.wd_horizon}")

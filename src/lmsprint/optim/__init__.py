@@ -42,6 +42,7 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "check_param_groups",
+    "check_weight_decay_config",
     "describe",
     "horizon_weight_decay",
     "param_role",
@@ -82,12 +83,7 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
             _check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
                    f"--optim.{key} must be positive, got {v}")
     _check(cfg.eps > 0, f"--optim.eps must be positive, got {cfg.eps}")
-    for key in ("weight_decay", "embed_weight_decay", "head_weight_decay"):
-        v = getattr(cfg, key)
-        _check(v is None or (math.isfinite(v) and v >= 0), f"--optim.{key} must be >= 0, got {v}")
-    _check(cfg.weight_decay_mode == "fixed" or (cfg.embed_weight_decay is None and cfg.head_weight_decay is None),
-           "--optim.embed_weight_decay/head_weight_decay apply to --optim.weight_decay_mode=fixed; horizon mode "
-           "derives every group's decay from its lr")
+    check_weight_decay_config(cfg)
     _check(cfg.weight_decay_mode in ("fixed", "horizon"),
            f"--optim.weight_decay_mode must be fixed or horizon, got {cfg.weight_decay_mode!r}")
     _check(cfg.wd_horizon > 0, f"--optim.wd_horizon must be positive, got {cfg.wd_horizon}")
@@ -112,6 +108,17 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
         for key in ("alpha_warmup", "beta3_warmup"):
             v = getattr(cfg, key)
             _check(v is None or v >= 0, f"--optim.{key} must be >= 0 (0 = off; unset = the whole run), got {v}")
+
+
+def check_weight_decay_config(cfg: OptimConfig) -> None:
+    """The decay strengths are finite and >= 0, and per-group strengths come with the fixed mode (also run by
+    the config's validation, before any data is prepared)."""
+    for key in ("weight_decay", "embed_weight_decay", "head_weight_decay"):
+        v = getattr(cfg, key)
+        _check(v is None or (math.isfinite(v) and v >= 0), f"--optim.{key} must be >= 0, got {v}")
+    _check(cfg.weight_decay_mode == "fixed" or (cfg.embed_weight_decay is None and cfg.head_weight_decay is None),
+           "--optim.embed_weight_decay/head_weight_decay apply to --optim.weight_decay_mode=fixed; horizon mode "
+           "derives every group's decay from its lr")
 
 
 def _check_decay(group: dict[str, Any], cfg: OptimConfig, total_steps: int) -> None:
