@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from lmsprint import distributed as D
@@ -166,6 +165,15 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.train.out_dir) / name
 
 
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process (0 without importing Dynamo when nothing was compiled)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class Trainer:
     """Set up everything a run needs; :meth:`run` trains it.
 
@@ -221,7 +229,7 @@ class Trainer:
             # kernels still come from Inductor's on-disk cache).
             torch._dynamo.reset()
             model.compile_blocks()  # per-block compile before DDP/FSDP wrapping (torchtitan's order)
-        self._graphs_before = int(counters["stats"]["unique_graphs"])  # the summary counts this run's graphs
+        self._graphs_before = _graphs_compiled()  # the summary counts this run's graphs
         # FSDP2 + bf16: bf16 all-gathered weights, fp32 gradient reduction and no autocast (see D.mixed_precision)
         param_dtype, self.amp = D.mixed_precision(cfg.dist.strategy, self.precision, self.dist.world)
         self.wrapped = D.wrap_model(model, cfg.dist.strategy, self.dist, param_dtype=param_dtype)
@@ -813,7 +821,7 @@ class Trainer:
                                train_time=self.train_time, compile_time=self.compile_time,
                                skipped=self.guard.bad_total, rollbacks=self.guard.rollbacks,
                                spikes=self.guard.spikes, tokens=self.tokens_seen,
-                               graphs=int(counters["stats"]["unique_graphs"]) - self._graphs_before)
+                               graphs=_graphs_compiled() - self._graphs_before)
             self.metrics.close()
             if cfg.log.plot:
                 from lmsprint.plots import plot_run
