@@ -204,8 +204,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".data" / "inductor"))  # as gpu_session.py
     os.environ.setdefault("LMSPRINT_CACHE", "/tmp/lmc-main")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        args.sweep_steps = 20
     results = json.loads(STATE.read_text()) if STATE.exists() and not args.fresh else {}
     for name in args.studies.split(","):
         t0 = time.time()
@@ -460,7 +458,10 @@ def main() -> None:
     rep.add_argument("dir")
     rep.add_argument("--png-dir", default="docs/img")
     args = ap.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    if args.cmd == "run":
+        cmd_run(args)
+    else:
+        cmd_report(args)
 
 
 if __name__ == "__main__":
