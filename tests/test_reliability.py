@@ -84,11 +84,26 @@ def start_cli(*args: str, cwd: Path, env_extra: dict[str, str]) -> subprocess.Po
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 60) -> None:
-    """Block until the run has logged a training record of ``step`` or later."""
+def steps_logged_since_resume(run_dir: Path, resumes: int) -> list[int]:
+    """The training steps logged after the ``resumes``-th resume event (all of them for ``resumes=0``)."""
+    seen, steps = 0, []
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if r["kind"] == "event" and r.get("event") == "resume":
+            seen, steps = seen + 1, []
+        elif r["kind"] == "train" and seen >= resumes:
+            steps.append(r["step"])
+    return steps if seen >= resumes else []
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 60, resumes: int = 0) -> None:
+    """Block until this process has logged a training record of ``step`` or later.
+
+    A resumed process (the ``resumes``-th) counts only what it logged itself: the steps a killed earlier process
+    logged past its last checkpoint are in the same file, and would otherwise end the wait before this one starts.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if max(train_losses(run_dir), default=0) >= step:
+        if max(steps_logged_since_resume(run_dir, resumes), default=0) >= step:
             return
         assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()}"
         time.sleep(0.02)
@@ -338,7 +353,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(
     for i, step in enumerate(kill_at):
         args = ["--resume", str(run)] if i else [str(corpus), *CLI_RUN, "--train.run_name=r"]
         proc = start_cli("train", *args, cwd=tmp_path, env_extra=cli_env)
-        wait_for_step(proc, run, step)
+        wait_for_step(proc, run, step, resumes=i)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
