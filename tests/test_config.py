@@ -26,6 +26,29 @@ def test_overrides_both_spellings() -> None:
     assert cfg.optim.betas == [0.9, 0.99] and cfg.train.micro_batch_size is None and cfg.train.steps == 1000
 
 
+
+def test_cli_takes_the_spaced_spelling_without_a_corpus(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lmsprint train --optim.name lion``: the value is the override's, not the optional corpus argument."""
+    from lmsprint.cli import _join_override_values, main
+
+    assert _join_override_values(["--optim.name", "lion", "c.txt", "--resume", "r", "--data.seq_len", "64",
+                                  "--optim.lr"]) == ["--optim.name=lion", "c.txt", "--resume", "r",
+                                                     "--data.seq_len=64", "--optim.lr"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--optim.name", "nonesuch"])
+    assert exit_.value.code == 2
+    assert "unknown optimizer 'nonesuch'" in capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["schedule", "--optim.lr", "0.0123", "--train.steps", "100", "--at", "0,99", "--png", ""])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "peak 0.0123, 100 steps" in out and "plot:" not in out
+    assert not list(tmp_path.iterdir())  # --png '' draws nothing
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -31,6 +31,23 @@ def _with_data(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     return overrides if args.data is None else [f"--data.source={args.data}", *overrides]
 
 
+def _join_override_values(argv: list[str]) -> list[str]:
+    """``--optim.name lion`` as ``--optim.name=lion``: argparse would take ``lion`` for the corpus argument."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:]
+        if (arg.startswith("--") and "." in name and "=" not in name and i + 1 < len(argv)
+                and not argv[i + 1].startswith("--")):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def _no_overrides(command: str, overrides: list[str]) -> None:
     """Commands without a config reject stray --section.key arguments instead of ignoring them."""
     if overrides:
@@ -128,10 +145,11 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
         steps = [int(s) for s in args.at.split(",")] if args.at else None
     except ValueError:
         raise ConfigError(f"--at takes comma-separated step numbers, e.g. --at 0,100,500; got {args.at!r}") from None
-    png = Path(args.png)
+    png = Path(args.png) if args.png else None
     print(schedule_report(cfg.schedule, peak_lr=cfg.optim.lr, total_steps=cfg.train.steps, at_steps=steps, png=png,
                           compare=args.compare))
-    print(f"plot: {png}")
+    if png:
+        print(f"plot: {png}")
     return 0
 
 
@@ -242,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
     _add_config_args(p)
     p.add_argument("--at", help="comma-separated steps to print (default: a spread over the run)")
-    p.add_argument("--png", default="schedule.png", help="draw the schedule to this PNG (default: schedule.png)")
+    p.add_argument("--png", default="schedule.png",
+                   help="draw the schedule to this PNG (default: schedule.png; '' = none)")
     p.add_argument("--compare", action="store_true", help="draw cosine, sqrt, linear and wsd decay together")
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers model",
@@ -297,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parser.parse_known_args(_join_override_values(argv))
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "schedule": cmd_schedule,
                 "bench": cmd_bench,
                 "restarts": cmd_restarts,
