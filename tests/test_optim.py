@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
 
 from lmsprint.optim import SOAP, AdamW, AdEMAMix, Lion, Muon, MuonWithAuxAdamW
 
@@ -433,6 +433,28 @@ def test_lr_scheduler_is_honoured(name):
             assert all(torch.equal(p.detach(), w) for p, w in zip(params, init))
     assert [g["lr"] for g in opt.param_groups] == [0.5 * lr for lr in peaks]
     assert any(not torch.equal(p.detach(), w) for p, w in zip(params, init))
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("scheduler", ["onecycle", "cyclic"])
+def test_momentum_cycling_schedulers_work(name, scheduler):
+    """OneCycleLR and CyclicLR with their defaults (cycle_momentum=True) drive every optimizer."""
+    params = make_params(SHAPES)
+    opt = FACTORIES[name](params)
+    if scheduler == "onecycle":
+        sched = OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=6)
+    else:
+        sched = CyclicLR(opt, base_lr=1e-4, max_lr=1e-2, step_size_up=2)
+    key = "betas" if "betas" in opt.defaults else "momentum"
+    seen = set()
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+        seen.add(tuple(str(g[key]) for g in opt.param_groups if key in g))
+    assert all(torch.isfinite(p).all() for p in params)
+    assert len(seen) > 1 and () not in seen  # the momentum was cycled
 
 
 @pytest.mark.parametrize("name", FACTORIES)

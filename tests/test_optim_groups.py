@@ -1,6 +1,7 @@
 """Parameter-group policy, build_optimizer's config translation, argument validation and describe()."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -241,6 +242,9 @@ def test_build_translates_config():
     (dict(name="muon", ns_steps=0), "--optim.ns_steps must be >= 1"),
     (dict(name="ademamix", alpha=-1.0), "--optim.alpha must be >= 0"),
     (dict(weight_decay_mode="horizon", wd_horizon=0.0), "--optim.wd_horizon must be positive"),
+    (dict(weight_decay_mode="horizon", wd_horizon=math.inf), "--optim.wd_horizon must be positive, got inf"),
+    (dict(eps=math.inf), "--optim.eps must be positive, got inf"),
+    (dict(name="ademamix", alpha=math.inf), "--optim.alpha must be >= 0, got inf"),
 ])
 def test_build_rejects_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -274,6 +278,10 @@ def p2():
     (lambda: AdamW(p2(), eps=-1.0), "eps must be >= 0, got -1.0"),
     (lambda: AdamW(p2(), impl="triton"), "impl must be one of auto, for, foreach, fused, got 'triton'"),
     (lambda: AdamW([{"params": p2(), "weight_decay": -1}]), "weight_decay must be >= 0, got -1"),
+    (lambda: AdamW(p2(), weight_decay=math.inf), "weight_decay must be finite, got inf"),
+    (lambda: Lion(p2(), weight_decay=math.inf), "weight_decay must be finite, got inf"),
+    (lambda: AdEMAMix(p2(), alpha=math.inf), "alpha must be finite, got inf"),
+    (lambda: Muon(p2(), weight_decay=math.inf), "weight_decay must be finite, got inf"),
     (lambda: Lion(p2(), betas=(0.9, 0.99, 0.9)), "betas must have 2 values"),
     (lambda: Lion(p2(), impl="fused"), "impl must be one of auto, for, foreach"),
     (lambda: AdEMAMix(p2(), betas=(0.9, 0.999)), "betas must have 3 values"),

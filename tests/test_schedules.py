@@ -333,6 +333,17 @@ def test_optimizer_schedules_unchanged():
     assert ademamix_beta3(100, beta1=0.9, beta3=0.9999, warmup=100) == pytest.approx(0.9999)
 
 
+def test_ademamix_beta3_warmup_from_beta1_zero_is_the_formulas_limit():
+    """beta1 = 0 (the reference code's memory-saving setting) takes the limit of the half-life formula."""
+    for step in (0, 1, 37, 100, 500):
+        got = ademamix_beta3(step, beta1=0.0, beta3=0.9999, warmup=100)
+        near = ademamix_beta3(step, beta1=1e-300, beta3=0.9999, warmup=100)
+        assert got == pytest.approx(near, rel=1e-2, abs=1e-12)
+    assert ademamix_beta3(0, beta1=0.0, beta3=0.9999, warmup=100) == 0.0
+    assert ademamix_beta3(100, beta1=0.0, beta3=0.9999, warmup=100) == 0.9999
+    assert ademamix_beta3(50, beta1=0.9, beta3=0.0, warmup=100) == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # validation
 

@@ -361,9 +361,11 @@ def ademamix_alpha(step: int, *, alpha: float, warmup: int) -> float:
 
 def ademamix_beta3(step: int, *, beta1: float, beta3: float, warmup: int) -> float:
     """AdEMAMix's beta3 warm-up, linear in the EMA half-life between beta1 and beta3 (paper, Eq. 3 / Alg. 1)."""
-    if warmup <= 0:
+    if warmup <= 0 or beta3 <= 0.0:  # beta3 = 0: the min() below gives 0 anyway
         return beta3
     frac = min(step / warmup, 1.0)
+    if beta1 <= 0.0:  # the formula's limit as log(beta1) -> -inf (the reference code allows beta1 = 0)
+        return 0.0 if frac == 0.0 else min(beta3 ** (1.0 / frac), beta3)
     log_b1, log_b3 = math.log(beta1), math.log(beta3)
     return min(math.exp(log_b1 * log_b3 / ((1.0 - frac) * log_b3 + frac * log_b1)), beta3)
 

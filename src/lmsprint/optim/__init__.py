@@ -82,11 +82,12 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
         if key == "lr" or v is not None:
             _check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
                    f"--optim.{key} must be positive, got {v}")
-    _check(cfg.eps > 0, f"--optim.eps must be positive, got {cfg.eps}")
+    _check(math.isfinite(cfg.eps) and cfg.eps > 0, f"--optim.eps must be positive, got {cfg.eps}")
     check_weight_decay_config(cfg)
     _check(cfg.weight_decay_mode in ("fixed", "horizon"),
            f"--optim.weight_decay_mode must be fixed or horizon, got {cfg.weight_decay_mode!r}")
-    _check(cfg.wd_horizon > 0, f"--optim.wd_horizon must be positive, got {cfg.wd_horizon}")
+    _check(math.isfinite(cfg.wd_horizon) and cfg.wd_horizon > 0,
+           f"--optim.wd_horizon must be positive, got {cfg.wd_horizon}")
     _check(cfg.impl in _IMPLS[name], f"--optim.impl={cfg.impl} is not available for {name}; choose from "
            f"{', '.join(_IMPLS[name])}")
     if cfg.betas is not None:
@@ -104,7 +105,7 @@ def _check_config(cfg: OptimConfig, total_steps: int) -> None:
                f"{cfg.precondition_frequency}")
         _check(cfg.max_precond_dim >= 1, f"--optim.max_precond_dim must be >= 1, got {cfg.max_precond_dim}")
     if name == "ademamix":
-        _check(cfg.alpha >= 0, f"--optim.alpha must be >= 0, got {cfg.alpha}")
+        _check(math.isfinite(cfg.alpha) and cfg.alpha >= 0, f"--optim.alpha must be >= 0, got {cfg.alpha}")
         for key in ("alpha_warmup", "beta3_warmup"):
             v = getattr(cfg, key)
             _check(v is None or v >= 0, f"--optim.{key} must be >= 0 (0 = off; unset = the whole run), got {v}")

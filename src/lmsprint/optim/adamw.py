@@ -94,6 +94,8 @@ def check_betas(betas: Sequence[float], n: int) -> None:
 def check_nonnegative(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and value >= 0.0):
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def _to_state(value: Any, device: torch.device) -> Any:

@@ -9,9 +9,9 @@ Adam plus a second, slow gradient EMA ``m2`` (decay ``beta3``, not bias-correcte
 
 ``alpha(t)`` and ``b3(t)`` warm up over ``alpha_warmup`` / ``beta3_warmup`` steps (paper: both set to the run
 length) with :func:`lmsprint.schedules.ademamix_alpha` / :func:`lmsprint.schedules.ademamix_beta3`, evaluated at
-the 1-based step ``t`` as in Algorithm 1. Note: the beta3 warm-up follows the paper's formula (linear in
-``1/log(beta)``); the reference code's ``linear_hl_warmup_scheduler`` interpolates ``log(0.5)/log(beta) - 1`` and
-differs slightly during the warm-up.
+the 1-based step ``t`` as in Algorithm 1. The beta3 warm-up is the paper's formula (linear in ``1/log(beta)``,
+i.e. in the EMA's half-life, as the reference code's ``linear_hl_warmup_scheduler``, which adds ``eps=1e-8``
+inside the log); ``beta1 = 0`` takes the formula's limit.
 """
 
 from __future__ import annotations

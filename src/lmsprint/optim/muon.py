@@ -321,7 +321,9 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
                  ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
         check_impl(impl, IMPLS)
         self.impl, self.ns_dtype, self.data_parallel = impl, ns_dtype, data_parallel
-        super().__init__(list(param_groups), {})
+        # "momentum" in the defaults is what lets OneCycleLR/CyclicLR (cycle_momentum=True) cycle the Muon groups'
+        # momentum; torch's schedulers cycle one key for every group, so the AdamW groups' beta1 stays fixed
+        super().__init__(list(param_groups), {"momentum": MUON_DEFAULTS["momentum"]})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict) or "use_muon" not in param_group:
@@ -334,7 +336,10 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
         else:
             param_group["betas"] = tuple(param_group["betas"])
             check_adamw_hparams(param_group)
+        drop_momentum = "momentum" not in param_group  # an AdamW group: torch would fill it in from the defaults
         super().add_param_group(param_group)
+        if drop_momentum:
+            del self.param_groups[-1]["momentum"]
 
     def _group_step(self, group: dict[str, Any]) -> None:
         if group["use_muon"]:
