@@ -149,6 +149,8 @@ CASES = [
          "resume cannot change the model shape", _copy("runs")),
     Case("resume-with-longer-sequences", ("train", "--resume", "runs/good", "--data.seq_len=64"),
          "resume cannot change the model shape", _copy("runs")),
+    Case("resume-with-another-batching", ("train", "--resume", "runs/good", "--data.batching=pad"),
+         "resume cannot change --data.batching", _copy("runs")),
     Case("resume-with-another-tokenizer", ("train", "--resume", "runs/good", "--data.tokenizer=bpe",
                                           "--data.vocab_size=300"), "tokenized with another tokenizer", _copy("runs")),
     Case("resume-every-checkpoint-corrupt", ("train", "--resume", "runs/good"), "no valid checkpoint in",

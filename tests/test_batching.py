@@ -55,7 +55,7 @@ def test_loader_rows_inputs_and_targets(stream: TokenStream, strategy: str) -> N
         batch = loader.next(step)
         for mb in batch.micro:
             width = 64 if strategy in ("pack", "best-fit") else mb.inputs.shape[1]
-            assert mb.inputs.shape == (2, width) and width % 64 == 0 or width == 64
+            assert mb.inputs.shape == (2, width) and (width % 64 == 0 or width == 64)
             keep = mb.targets != IGNORE_INDEX
             inputs.append(mb.inputs[keep].numpy())
             targets.append(mb.targets[keep].numpy())
@@ -105,6 +105,23 @@ def test_document_masks_and_positions_restart(stream: TokenStream, strategy: str
             if s > 0:
                 assert seg[s] != seg[s - 1]  # and begins a new attention segment
         assert pos[0] == 0
+
+
+@pytest.mark.parametrize("strategy", ["pack", "best-fit"])
+def test_segments_never_span_two_documents(stream: TokenStream, strategy: str) -> None:
+    """Inside a segment the tokens are consecutive stream positions with no document start: this also covers the
+    rows a best-fit remainder starts mid-document (no end-of-document token to restart at)."""
+    loader = Loader(stream, strategy=strategy, seq_len=64, batch_rows=8, micro_rows=4, seed=0, doc_mask=True,
+                    pad_id=PAD)
+    for step in range(20):
+        for mb in loader.next(step).micro:
+            x, seg, pos = mb.inputs, mb.doc_ids, mb.pos
+            same = (seg[:, 1:] == seg[:, :-1]) & (x[:, 1:] != PAD)
+            assert not (same & (x[:, 1:] == EOT)).any()  # a document start always opens a new segment
+            nxt = same & (x[:, :-1] != EOT)
+            assert torch.equal(x[:, 1:][nxt], x[:, :-1][nxt] + 1)  # a segment never jumps in the stream
+            assert torch.equal(pos[:, 1:][same], pos[:, :-1][same] + 1)  # positions count up inside it
+            assert (pos[:, 1:][~same & (x[:, 1:] != PAD)] == 0).all()  # and restart at each new one
 
 
 def test_segments_helper() -> None:
@@ -183,6 +200,23 @@ def test_ranks_get_disjoint_rows_and_the_same_counts(stream: TokenStream) -> Non
         rows1 = {tuple(r.tolist()) for mb in b1.micro for r in mb.inputs}
         assert not rows0 & rows1
         assert rows0 | rows1 == {tuple(r.tolist()) for mb in s.micro for r in mb.inputs}
+
+
+@pytest.mark.parametrize("strategy", ["pad", "bucket"])
+def test_ranks_take_micro_batches_in_snake_order_and_count_every_ranks_slots(stream: TokenStream,
+                                                                             strategy: str) -> None:
+    """Bucket steps are sorted longest first: micro-batches are dealt 0, 1, 1, 0 (not rank 0 the first half) so
+    no rank always gets the longest rows; n_slots is the padded size of the whole step over all ranks."""
+    kw = dict(strategy=strategy, seq_len=128, batch_rows=8, seed=0, pad_multiple=16, pad_id=PAD, bucket_window=2)
+    ranks = [Loader(stream, micro_rows=2, rank=r, world=2, **kw) for r in range(2)]
+    single = Loader(stream, micro_rows=2, **kw)
+    for step in range(6):
+        b0, b1, s = ranks[0].next(step), ranks[1].next(step), single.next(step)
+        rows = [[tuple(r.tolist()) for r in mb.inputs] for mb in s.micro]
+        assert [[tuple(r.tolist()) for r in mb.inputs] for mb in b0.micro] == [rows[0], rows[3]]
+        assert [[tuple(r.tolist()) for r in mb.inputs] for mb in b1.micro] == [rows[1], rows[2]]
+        slots = sum(mb.inputs.numel() for b in (b0, b1) for mb in b.micro)
+        assert b0.n_slots == b1.n_slots == s.n_slots == slots
 
 
 def test_eval_batches_are_fixed_and_shaped_like_training(stream: TokenStream) -> None:

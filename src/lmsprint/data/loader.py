@@ -46,6 +46,7 @@ class StepBatch:
     n_tokens: int  # real (non-padding) input tokens in the whole step, all ranks together
     seq_len: int  # curriculum length at this step
     sequences: int  # sequences in the whole step (rows cut into seq_len-long pieces)
+    n_slots: int  # computed positions (real + padding) in the whole step, all ranks together
 
 
 def _row_arrays(stream: TokenStream, plan: RowPlan, width: int, pad_id: int) -> tuple[np.ndarray, ...]:
@@ -182,6 +183,22 @@ class Loader:
             cut[rng.random(self.batch_rows) < c.short_mix] = c.start
         return cut
 
+    def _micro_rows(self, rank: int) -> list[np.ndarray]:
+        """Rows (indices into the step's rows) of ``rank``'s micro-batches. The step is cut into consecutive
+        micro-batches dealt to ranks in snake order (0..W-1, W-1..0, ...): bucket steps are sorted longest
+        first, so contiguous shares gave rank 0 all the longest rows and made every other rank wait for it."""
+        m, w = self.micro_rows, self.world
+        out = []
+        for k in range(self.batch_rows // (m * w)):
+            g = k * w + (rank if k % 2 == 0 else w - 1 - rank)
+            out.append(np.arange(g * m, (g + 1) * m))
+        return out
+
+    def _width(self, row_lengths: np.ndarray) -> int:
+        if self.strategy in ("pad", "bucket"):
+            return padded_length(int(row_lengths.max()), multiple=self.pad_multiple, seq_len=self.seq_len)
+        return self.seq_len
+
     def next(self, step: int) -> StepBatch:
         """The batch of optimizer step ``step`` for this rank (host tensors)."""
         plan = self._take_rows(self.batch_rows)
@@ -191,15 +208,12 @@ class Loader:
         n_tokens = int(plan.span_len.sum())
         n_targets = n_tokens - int((ends == self.stream.n_tokens).sum())
         sequences = int(np.sum(-(-self.seq_len // cuts))) if cuts is not None else self.batch_rows
-        share = self.batch_rows // self.world
-        mine = np.arange(self.rank * share, (self.rank + 1) * share)
+        lens = plan.row_lengths()
+        widths = {r: [self._width(lens[rows]) for rows in self._micro_rows(r)] for r in range(self.world)}
+        n_slots = self.micro_rows * sum(sum(w) for w in widths.values())
         micro = []
-        for lo in range(0, share, self.micro_rows):
-            rows = mine[lo : lo + self.micro_rows]
+        for rows, width in zip(self._micro_rows(self.rank), widths[self.rank]):
             sub = plan.take(rows)
-            width = self.seq_len
-            if self.strategy in ("pad", "bucket"):
-                width = padded_length(int(sub.row_lengths().max()), multiple=self.pad_multiple, seq_len=self.seq_len)
             inputs, targets, positions = _row_arrays(self.stream, sub, width, self.pad_id)
             mb = MicroBatch(torch.from_numpy(inputs), torch.from_numpy(targets))
             if self.masked:
@@ -209,7 +223,7 @@ class Loader:
                 seg, pos = segments(doc, inputs.shape, None if cuts is None else cuts[rows])
                 mb.doc_ids, mb.pos = torch.from_numpy(seg), torch.from_numpy(pos)
             micro.append(mb)
-        return StepBatch(micro, n_targets, n_tokens, length, sequences)
+        return StepBatch(micro, n_targets, n_tokens, length, sequences, n_slots)
 
     def reseed(self, seed: int) -> None:
         """Continue with a different shuffle (after a rollback), from the start of a new epoch."""

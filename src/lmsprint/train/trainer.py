@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -676,7 +676,7 @@ class Trainer:
         batch = self.loader.next(self.step)
         micro = [mb.to(self.device) for mb in batch.micro]
         if t.compile:
-            self._warmup_compile(StepBatch(micro, batch.n_targets, batch.n_tokens, batch.seq_len, batch.sequences))
+            self._warmup_compile(replace(batch, micro=micro))
         restore_signals = self._install_signals()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.log.progress and is_main))
@@ -692,7 +692,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 step = self.step
-                dev_batch = StepBatch(micro, batch.n_targets, batch.n_tokens, batch.seq_len, batch.sequences)
+                dev_batch = replace(batch, micro=micro)
                 loss = self._forward_backward(dev_batch)
                 for cb in self.callbacks:
                     cb.on_grads(step, self.model)
@@ -745,7 +745,7 @@ class Trainer:
                     self.metrics.write("event", event="first_step", step=self.step, wall=time.time())
                 self.tokens_seen += batch.n_tokens
                 log_tokens += batch.n_tokens
-                log_slots += sum(mb.inputs.numel() for mb in batch.micro) * self.dist.world
+                log_slots += batch.n_slots  # all ranks: pad/bucket widths differ between ranks
                 log_rows += sum(mb.inputs.shape[0] for mb in batch.micro) * self.dist.world
                 step_seq_len = batch.seq_len  # the step just taken (batch becomes the next one below)
                 batch, micro, loader_state = next_batch, next_micro, next_state
@@ -875,6 +875,17 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     saved = RunConfig.from_dict(load_toml(str(path)), where=str(path))
     if cfg.model != saved.model or cfg.data.seq_len != saved.data.seq_len:
         raise ConfigError("resume cannot change the model shape (--model.*, --data.seq_len); start a new run instead")
+    # the loader's state is a position in the plan these settings make, and the length schedule is a function of
+    # the step and the run's total steps: changing them would skip or repeat data, or send lengths backwards
+    fixed = [f"--data.{k}" for k in ("batching", "bucket_window", "seq_schedule", "seq_start", "seq_warmup",
+                                     "seq_milestones", "seq_multiple", "short_mix")
+             if getattr(cfg.data, k) != getattr(saved.data, k)]
+    fixed += ["--train.batch_size"] if cfg.train.batch_size != saved.train.batch_size else []
+    if saved.data.seq_schedule in ("linear", "stages") and (cfg.train.steps, cfg.train.epochs) != \
+            (saved.train.steps, saved.train.epochs):
+        fixed.append("--train.steps/--train.epochs (the sequence-length schedule spans them)")
+    if fixed:
+        raise ConfigError(f"resume cannot change {', '.join(fixed)}; start a new run instead")
     return cfg
 
 
