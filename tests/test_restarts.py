@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,25 @@ def test_restarts_continue_the_best_probe_exactly(tmp_path: Path, corpus: Path) 
     from lmsprint.sample import sample
 
     assert isinstance(sample(best.run_dir, prompt="the", max_new_tokens=4)[0], str)
+
+
+def test_a_probe_with_a_non_finite_loss_ranks_last(tmp_path: Path, corpus: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN compares false with everything: a diverged seed must fail, not come out of the sort as the best."""
+    import lmsprint.restarts as R
+
+    read_curve = R._read_curve
+
+    def nan_for_1337(run: RestartRun) -> list[tuple[int, float]]:
+        return [(s, float("nan") if run.seed == 1337 else v) for s, v in read_curve(run)]
+
+    monkeypatch.setattr(R, "_read_curve", nan_for_1337)
+    result = restarts(tiny_config(corpus, **SWEEP), n=3, keep=1, probe_steps=4, out_dir=tmp_path / "sweep", gpus=[],
+                      log=lambda s: None)
+    diverged = next(r for r in result.runs if r.seed == 1337)
+    assert diverged.error == "non-finite validation loss (nan) at step 4" and not diverged.continued
+    assert result.winner is not None and result.winner.seed != 1337 and math.isfinite(result.winner.val[12])
+    assert result.table.splitlines()[-1].startswith("| 3 | 1337 |")
 
 
 def test_successive_halving(tmp_path: Path, corpus: Path) -> None:

@@ -398,3 +398,89 @@ def test_rollback_skips_a_checkpoint_whose_weights_failed(tmp_path: Path, corpus
     assert result.rollbacks == 1 and result.step == 10
     (event,) = events(trainer.run_dir, "rollback")
     assert event["step"] == 4 and event["reason"].startswith("loss spike")
+
+
+def test_a_resumed_checkpoint_is_judged_like_in_the_uninterrupted_run(tmp_path: Path, corpus: Path) -> None:
+    """Stopped at step 6 and resumed: step 6 spiking on the checkpointed weights goes back to step 4, as in
+    test_rollback_skips_a_checkpoint_whose_weights_failed, not to the failing step-6 checkpoint again and again."""
+    kw = dict(train__ckpt_every=2, train__keep_checkpoints=3, guard__spike_factor=3, guard__spike_warmup=2,
+              guard__max_rollbacks=2)
+    make_trainer(tmp_path, corpus, train__stop_at_step=6, **kw).run()
+    trainer = Trainer(tiny_config(corpus, **kw), tmp_path / "run", resume=True)
+    assert trainer.step == 6 and trainer.good_step == 5
+    resumed = {k: v.clone() for k, v in ckpt.model_state(trainer.model).items()}
+
+    class BadWeights(Callback):
+        def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+            weights = ckpt.model_state(trainer.model)
+            return loss * 100 if step == 6 and all(torch.equal(resumed[k], v) for k, v in weights.items()) else loss
+
+    trainer.callbacks.append(BadWeights())
+    result = trainer.run()
+    assert result.rollbacks == 1 and result.step == 10
+    assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [4]
+
+
+def test_a_rollback_is_saved_at_once(tmp_path: Path, corpus: Path) -> None:
+    """A crash right after a rollback resumes the rolled-back run (lower lr, counters, new data order), never the
+    abandoned attempt's newer checkpoint that holds the weights that failed."""
+    kw = dict(train__steps=20, train__ckpt_every=5, train__keep_checkpoints=3, guard__spike_factor=3,
+              guard__spike_warmup=2, guard__rollback_lr_factor=0.5)
+    trainer = make_trainer(tmp_path, corpus, **kw)
+
+    class SpikeThenCrash(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            if step == 7 and not first:
+                raise RuntimeError("simulated crash")
+            return loss * 100 if step == 10 and first else loss
+
+    trainer.callbacks.append(SpikeThenCrash(trainer))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.run()
+    assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [5]
+    assert [p.name for p in ckpt.list_checkpoints(trainer.ckpt_root)] == ["step_00000005"]
+    resumed = Trainer(tiny_config(corpus, **kw), tmp_path / "run", resume=True)
+    assert resumed.step == 5 and resumed.lr_scale == 0.5 and resumed.guard.rollbacks == 1
+    assert resumed.loader.seed == trainer.loader.seed == trainer.cfg.train.seed + 1000
+    assert all(g["initial_lr"] == pytest.approx(0.5 * resumed.cfg.optim.lr) for g in resumed.optimizer.param_groups)
+
+
+def test_keep_one_checkpoint_still_rolls_back_to_a_judged_one(tmp_path: Path, corpus: Path) -> None:
+    """With --train.keep_checkpoints=1 the step-10 checkpoint (not yet judged) must not replace the step-5 one:
+    a spike at step 10 goes back to step 5, not to the initial weights."""
+    trainer = make_trainer(tmp_path, corpus, train__steps=20, train__ckpt_every=5, train__keep_checkpoints=1,
+                           guard__spike_factor=3, guard__spike_warmup=2)
+
+    class Spike(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            return loss * 100 if step == 10 and first else loss
+
+    trainer.callbacks.append(Spike(trainer))
+    result = trainer.run()
+    assert result.rollbacks == 1 and result.step == 20
+    assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [5]
+    # the newest judged checkpoint is kept besides the newest one: one more on disk than keep_checkpoints
+    assert [p.name for p in ckpt.list_checkpoints(trainer.ckpt_root)] == ["step_00000015", "step_00000020"]
+
+
+def horizon_tau(trainer: Trainer) -> list[float]:
+    """1 / (peak lr x wd) of every decayed group: horizon mode keeps it at wd_horizon x total steps."""
+    return [1 / (g["initial_lr"] * g["weight_decay"]) for g in trainer.optimizer.param_groups if g["weight_decay"]]
+
+
+def test_horizon_weight_decay_follows_rollbacks_and_a_longer_resume(tmp_path: Path, corpus: Path) -> None:
+    kw = dict(train__steps=20, train__ckpt_every=5, guard__spike_factor=3, guard__spike_warmup=2,
+              guard__rollback_lr_factor=0.5, optim__weight_decay_mode="horizon", optim__wd_horizon=0.5)
+    trainer = make_trainer(tmp_path, corpus, **kw)
+
+    class Spike(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            return loss * 100 if step == 7 and first else loss
+
+    trainer.callbacks.append(Spike(trainer))
+    assert trainer.run().rollbacks == 1
+    taus = horizon_tau(trainer)
+    assert len(taus) >= 2 and taus == pytest.approx([10.0] * len(taus))  # 0.5 x 20 steps, at half the lr
+    longer = Trainer(tiny_config(corpus, **{**kw, "train__steps": 40}), tmp_path / "run", resume=True)
+    assert longer.lr_scale == 0.5
+    assert horizon_tau(longer) == pytest.approx([20.0] * len(taus))  # 0.5 x 40 steps

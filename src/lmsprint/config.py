@@ -219,7 +219,7 @@ class TrainConfig:
     ckpt_every: int = 200
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
-    """How many recent checkpoints to keep."""
+    """How many recent checkpoints to keep (with the guard on, also the newest one that passed it)."""
     clip_norm: float = 1.0
     """Clip gradients to this global L2 norm (0 = off)."""
     clip_value: float = 0.0

@@ -159,6 +159,8 @@ def _train_rung(cfg: RunConfig, runs: list[RestartRun], budget: int, total: int,
             run.error = str(e)
         run.curve = _read_curve(run)
         steps = dict(run.curve)
+        if run.error is None and budget in steps and not math.isfinite(steps[budget]):
+            run.error = f"non-finite validation loss ({steps[budget]}) at step {budget}"
         if run.error is None and budget in steps:
             run.val[budget] = steps[budget]
         elif run.error is None:

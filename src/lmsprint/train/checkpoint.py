@@ -92,19 +92,25 @@ def sharded_temp_dir(ckpt_root: Path, step: int) -> Path:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Tensor], state: dict[str, Any],
-                    model_config: GPTConfig, keep: int, tmp: Path | None = None) -> Path:
+                    model_config: GPTConfig, keep: int, tmp: Path | None = None,
+                    protect_step: int | None = None) -> Path:
     """Write a checkpoint atomically and prune old ones; returns its directory.
 
     ``tmp``: a :func:`sharded_temp_dir` already holding the other ranks' files, checksummed and renamed with the rest.
     """
     final = ckpt_root / f"{PREFIX}{step:08d}"
+    # the newest checkpoint at most protect_step (the guard's last judged-good one) is never pruned
+    judged = [p for p in list_checkpoints(ckpt_root) if protect_step is not None
+              and int(p.name[len(PREFIX):]) <= protect_step and p.name < final.name]
+    protected = judged[-1] if judged else None
     given = tmp is not None
     if tmp is None:
         tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
     if keep >= 2:  # what the pruning below would delete goes first: the disk holds keep checkpoints, not keep + 1
         for old in [p for p in list_checkpoints(ckpt_root) if p.name < final.name][: -(keep - 1)]:
-            _discard(old)
+            if old != protected:
+                _discard(old)
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         if not given:
@@ -141,7 +147,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Ten
     for old in [p for p in list_checkpoints(ckpt_root) if p.name > final.name]:
         _discard(old)
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        _discard(old)
+        if old != protected:
+            _discard(old)
     return final
 
 

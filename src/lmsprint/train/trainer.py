@@ -240,6 +240,9 @@ class Trainer:
                                          data_parallel=self.dist.world > 1)
         self.scheduler = build_schedule(self.optimizer, cfg.schedule, total_steps=self.total_steps,
                                         peak_lr=cfg.optim.lr)
+        self.horizon_wd = ([g["weight_decay"] for g in self.optimizer.param_groups]
+                           if cfg.optim.weight_decay_mode == "horizon" else None)
+        """Horizon-aware decay of each group, sized for this run's length at lr scale 1."""
         self.scaler = D.grad_scaler(self.device, self.sharded) if self.precision == "fp16" else None
 
         # batches
@@ -357,7 +360,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "trainer": {"step": self.step, "tokens_seen": self.tokens_seen, "train_time": self.train_time,
-                        "lr_scale": self.lr_scale, "val_history": self.val_history},
+                        "lr_scale": self.lr_scale, "val_history": self.val_history,
+                        "good_step": self.good_step},
             "config": self.cfg.to_dict(),
         }
 
@@ -377,7 +381,8 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, model_sd=ckpt.model_state(self.model, full_sd),
                                         state=self._state(loader_state), model_config=self.gpt_config,
-                                        keep=self.cfg.train.keep_checkpoints, tmp=tmp)
+                                        keep=self.cfg.train.keep_checkpoints, tmp=tmp,
+                                        protect_step=self.good_step if self.cfg.guard.enabled else None)
         D.barrier()
         return path
 
@@ -407,12 +412,22 @@ class Trainer:
         else:
             self.train_time = float(tr["train_time"])
             self.lr_scale = float(tr["lr_scale"])
+            # a checkpoint's own weights are judged by the step after it: not yet good (as in the uninterrupted run)
+            self.good_step = int(tr.get("good_step", self.step - 1))
             self.guard.load_state_dict(state["guard"])
             rng = state["rng"]
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if self.device.type == "cuda" and rng["cuda"]:
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        self._apply_horizon_wd()
+
+    def _apply_horizon_wd(self) -> None:
+        """Keep horizon-aware decay's lr x wd = 1 / (wd_horizon x total steps) after a checkpoint load or rollback:
+        sized for this run's length (a resume may change --train.steps) and divided by the guard's lr scale."""
+        if self.horizon_wd is not None:
+            for group, wd in zip(self.optimizer.param_groups, self.horizon_wd):
+                group["weight_decay"] = wd / self.lr_scale
 
     def _rescale_lr(self, factor: float) -> None:
         if factor != 1.0:
@@ -440,7 +455,6 @@ class Trainer:
                                   f"checksum); delete {self.ckpt_root} to train this run again from step 0, or "
                                   "start a new run")
         self._load(path, rollback=False)
-        self.good_step = self.step
         self.log_line(f"resumed from {path} at step {self.step}")
         if self.metrics:
             self.metrics.write("event", event="resume", step=self.step, checkpoint=str(path))
@@ -470,6 +484,7 @@ class Trainer:
             self.optimizer.state.clear()
             self.scheduler.load_state_dict({"last_epoch": 0})
             self._rescale_lr(g.rollback_lr_factor)
+            self._apply_horizon_wd()
             self.loader.load_state_dict({"epoch": 0, "pos": 0, "seed": self.loader.seed})
             self.step, self.tokens_seen = 0, 0
             self.val_history = []
@@ -478,6 +493,9 @@ class Trainer:
         self.good_step = self.step  # newer checkpoints belong to the abandoned attempt
         if g.rollback_reseed:
             self.loader.reseed(self.cfg.train.seed + 1000 * self.guard.rollbacks)
+        # persist the rollback (lr scale, counters, data seed); saving replaces step_S and deletes the abandoned
+        # attempt's newer checkpoints, which a resume after a crash would otherwise pick up
+        self.save(self.loader.state_dict())
         message = (f"{reason}: rollback #{self.guard.rollbacks} to step {self.step} ({path or 'initial weights'}); "
                    f"lr scale {self.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
         self.log_line(message)
