@@ -48,6 +48,12 @@ def test_cli_takes_the_spaced_spelling_without_a_corpus(capsys: pytest.CaptureFi
     assert "peak 0.0123, 100 steps" in out and "plot:" not in out
     assert not list(tmp_path.iterdir())  # --png '' draws nothing
 
+    # with a GPU, `lmsprint schedule` shows the schedule `lmsprint train` would use: the fast recipe's
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        main(["schedule", "--train.steps", "100", "--at", "0", "--png", ""])
+    assert capsys.readouterr().out.startswith("wsd schedule")
+
 
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -137,7 +137,7 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.schedules import schedule_report
 
-    cfg = build_config(args.config, overrides)
+    cfg = build_config(_recipe_default(args.config, overrides), overrides)  # what `lmsprint train` would use
     if cfg.train.epochs is not None:
         raise ConfigError("lmsprint schedule needs the run length in steps (epochs depend on the corpus): pass "
                           "--train.epochs=none --train.steps=N")

@@ -127,6 +127,14 @@ class Schedule:
     min_ratio: float
     decay_fraction: float
     decay_shape: str
+    peak_lr: float | None = None  # with min_lr: the main group's peak, for an exact absolute floor
+    min_lr: float | None = None
+
+    def lr(self, peak: Any, step: int) -> Any:
+        """The lr at ``step`` of a group whose peak is ``peak``; exactly ``min_lr`` for the main group at the end."""
+        if self.min_lr is not None and self.peak_lr is not None and step >= self.total and self.shape != "constant":
+            return peak / self.peak_lr * self.min_lr  # peak / peak_lr == 1.0 exactly for the main group
+        return peak * self(step)
 
     def __call__(self, step: int) -> float:
         return lr_multiplier(
@@ -215,7 +223,7 @@ def resolve_schedule(cfg: ScheduleConfig, *, total_steps: int, peak_lr: float) -
         if total_steps - cooldown < warmup:
             most = (total_steps - warmup) / total_steps
             raise ConfigError(f"--schedule.decay_fraction={cfg.decay_fraction} makes the {cooldown}-step cool-down "
-                              f"overlap the {warmup}-step warm-up; use a decay_fraction of at most {most:.3g} "
+                              f"overlap the {warmup}-step warm-up; use a decay_fraction of at most {most} "
                               "or a shorter warm-up")
 
     return Schedule(
@@ -226,6 +234,8 @@ def resolve_schedule(cfg: ScheduleConfig, *, total_steps: int, peak_lr: float) -
         min_ratio=min_ratio,
         decay_fraction=cfg.decay_fraction,
         decay_shape=cfg.decay_shape,
+        peak_lr=peak_lr,
+        min_lr=cfg.min_lr,
     )
 
 
@@ -250,6 +260,8 @@ class LRSchedule(LRScheduler):
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float | torch.Tensor]:
+        if isinstance(self.fn, Schedule):
+            return [self.fn.lr(group["initial_lr"], self.last_epoch) for group in self.optimizer.param_groups]
         m = self.fn(self.last_epoch)
         # initial_lr rather than base_lrs: it travels with the optimizer's state dict, so a resumed run uses
         # the saved peaks whichever of optimizer / scheduler is loaded first.
