@@ -94,7 +94,7 @@ GPT_CONFIGS = {
 def test_tiny_gpt_loss_goes_down(name):
     """The ``tiny`` preset (tied embedding, RMSNorm gains, SwiGLU, RoPE) as the trainer builds its optimizer and
     schedule, on the cycle task above with a small vocabulary (SOAP then preconditions every side)."""
-    vocab, seq_len, steps = 32, 16, 120
+    vocab, seq_len, steps = 32, 16, 250  # "a few hundred steps"
     torch.manual_seed(0)
     perm = torch.randperm(vocab)
     seq = [0]
