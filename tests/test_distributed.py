@@ -35,7 +35,7 @@ ARGS = ["--data.tokenizer=byte", "--data.seq_len=16", "--data.val_fraction=0.1",
         "--model.n_head=2", "--model.n_embd=16", "--train.batch_size=4", "--train.micro_batch_size=2",
         f"--train.steps={STEPS}", "--train.log_every=1", "--train.eval_every=4", "--train.eval_tokens=128",
         "--train.ckpt_every=4", "--train.device=cpu", "--log.progress=false", "--log.plot=false",
-        "--schedule.warmup_steps=2"]
+        "--schedule.warmup_steps=2", "--train.peak_tflops=1"]
 MUON = ["--optim.name=muon"]
 SOAP = ["--optim.name=soap", "--optim.lr=3e-3", "--optim.precondition_frequency=2"]
 
@@ -96,6 +96,11 @@ def test_ddp_two_ranks_match_one_process(workdir: Path, tmp_path: Path) -> None:
     assert sum(r["kind"] == "train" for r in records) == STEPS  # one writer
     assert next(r for r in records if r["kind"] == "config")["world"] == 2
     assert_same_losses(losses(tmp_path / "ddp"), losses(workdir / "ref-soap"), range(1, STEPS + 1))
+    # MFU is per GPU: the same FLOPs per token as one process, against the peak of one of the two devices
+    ref = [r for r in read_metrics(workdir / "ref-soap" / "metrics.jsonl") if r["kind"] == "train"]
+    two = [r for r in records if r["kind"] == "train"]
+    for a, b in zip(two, ref):
+        assert a["mfu"] / a["tokens_per_s"] == pytest.approx(b["mfu"] / b["tokens_per_s"] / 2)
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_on_one(workdir: Path, tmp_path: Path) -> None:

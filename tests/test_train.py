@@ -8,6 +8,7 @@ import torch
 from conftest import assert_clean_error, run_cli, tiny_config
 
 from lmsprint.data.prepare import prepared_data
+from lmsprint.model import GPT, GPTConfig
 from lmsprint.train.metrics import read_metrics
 from lmsprint.train.trainer import train
 
@@ -154,7 +155,7 @@ def test_logged_rows_and_lengths_describe_the_step_taken(corpus: Path) -> None:
     from lmsprint.data.curriculum import SeqLenSchedule
 
     cfg = tiny_config(corpus, data__batching="pad", data__pad_multiple=8, data__seq_len=512, train__steps=6,
-                      train__ckpt_every=0)
+                      train__ckpt_every=0, train__peak_tflops=1)
     run_dir = corpus.parent / "pad"
     train(cfg, run_dir=run_dir)
     recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
@@ -163,12 +164,31 @@ def test_logged_rows_and_lengths_describe_the_step_taken(corpus: Path) -> None:
         assert r["tokens_per_row"] == pytest.approx((r["tokens"] - prev) / cfg.train.batch_size)
         prev = r["tokens"]
     assert min(r["tokens_per_row"] for r in recs) < 0.8 * cfg.data.seq_len  # short documents: rows not full
+    # MFU counts 12 L C T attention FLOPs per position with T the padded width attended over (one micro-batch of
+    # all 4 rows per step here: its width, i.e. the step's slots per row), not the 512 of --data.seq_len
+    model = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "config")["model"]
+    gpt = GPT(GPTConfig(**model))
+    attn = [(implied_flops_per_token(r) - gpt.flops_per_token(0)) / (12 * 2 * 32) for r in recs]
+    assert attn == pytest.approx([r["tokens_per_row"] / (1 - r["waste"]) for r in recs])
+    assert min(attn) < 512
 
     cfg = tiny_config(corpus, data__seq_schedule="stages", data__seq_start=8, data__seq_warmup=0.5,
-                      train__steps=8, train__ckpt_every=0)
+                      train__steps=8, train__ckpt_every=0, train__peak_tflops=1)
     run_dir = corpus.parent / "stages"
     train(cfg, run_dir=run_dir)
     curriculum = SeqLenSchedule("stages", 32, 8, 8, warmup=0.5)
     lengths = {r["step"]: r["seq_len"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
     assert lengths == {s: curriculum.length_at(s - 1) for s in range(1, 9)}
     assert len(set(lengths.values())) == 3  # 8, 16, 32
+    # MFU counts the attention FLOPs of the length trained, 12 L C T per token: T = 8, 16, 32 in turn
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    by_len = {r["seq_len"]: implied_flops_per_token(r) for r in recs}
+    assert by_len[16] - by_len[8] == pytest.approx(12 * 2 * 32 * 8)
+    assert by_len[32] - by_len[16] == pytest.approx(12 * 2 * 32 * 16)
+
+
+def implied_flops_per_token(record: dict) -> float:
+    """The FLOPs per computed position behind a record's MFU (peak 1 TFLOP/s, one process)."""
+    slots_per_s = record["tokens_per_s"] / (1 - record["waste"])
+    return record["mfu"] * 1e12 / slots_per_s
+

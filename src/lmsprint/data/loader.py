@@ -47,6 +47,7 @@ class StepBatch:
     seq_len: int  # curriculum length at this step
     sequences: int  # sequences in the whole step (rows cut into seq_len-long pieces)
     n_slots: int  # computed positions (real + padding) in the whole step, all ranks together
+    attn_len: float  # attention length per computed position, averaged over n_slots (the T of 12 L C T FLOPs)
 
 
 def _row_arrays(stream: TokenStream, plan: RowPlan, width: int, pad_id: int) -> tuple[np.ndarray, ...]:
@@ -211,6 +212,10 @@ class Loader:
         lens = plan.row_lengths()
         widths = {r: [self._width(lens[rows]) for rows in self._micro_rows(r)] for r in range(self.world)}
         n_slots = self.micro_rows * sum(sum(w) for w in widths.values())
+        if self.strategy in ("pad", "bucket"):  # a position attends over its micro-batch's width
+            attn_len = self.micro_rows * sum(w * w for ws in widths.values() for w in ws) / n_slots
+        else:  # full-width rows, cut into sequences of the curriculum's length(s)
+            attn_len = float(self.seq_len if cuts is None else cuts.mean())
         micro = []
         for rows, width in zip(self._micro_rows(self.rank), widths[self.rank]):
             sub = plan.take(rows)
@@ -223,7 +228,7 @@ class Loader:
                 seg, pos = segments(doc, inputs.shape, None if cuts is None else cuts[rows])
                 mb.doc_ids, mb.pos = torch.from_numpy(seg), torch.from_numpy(pos)
             micro.append(mb)
-        return StepBatch(micro, n_targets, n_tokens, length, sequences, n_slots)
+        return StepBatch(micro, n_targets, n_tokens, length, sequences, n_slots, attn_len)
 
     def reseed(self, seed: int) -> None:
         """Continue with a different shuffle (after a rollback), from the start of a new epoch."""

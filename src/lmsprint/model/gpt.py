@@ -67,10 +67,11 @@ class GPT(nn.Module):
             return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: float) -> float:
         """Training FLOPs per token, as nanoGPT's estimate_mfu: 6N + 12 * layers * width * seq_len.
 
-        N counts matmul weights (blocks and head; an untied input embedding is a lookup, not a matmul)."""
+        N counts matmul weights (blocks and head; an untied input embedding is a lookup, not a matmul);
+        ``seq_len`` is the length a token attends over (a mean, for steps of mixed lengths)."""
         cfg = self.config
         return 6 * self.num_params(matmul_only=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 

@@ -271,7 +271,7 @@ class Trainer:
         self.good_step = 0
         """The newest step whose weights passed the guard: a rollback goes to a checkpoint no newer than it."""
         self.val_history: list[tuple[int, float]] = []
-        self.flops_per_token = model.flops_per_token(d.seq_len)
+        self.flops_per_token = model.flops_per_token  # of the length a step's tokens attend over
         self.peak = peak_flops(self.device, t.peak_tflops) if self.dist.is_main else None
         self._stop_signal: int | None = None
         if resume:
@@ -700,7 +700,7 @@ class Trainer:
                    disable=not (cfg.log.progress and is_main))
         last_loss: float | None = None
         val_loss: float | None = self.val_history[-1][1] if self.val_history else None
-        log_time, log_tokens, log_slots, log_rows = 0.0, 0, 0, 0
+        log_time, log_tokens, log_slots, log_rows, log_flops = 0.0, 0, 0, 0, 0.0
         log_norms: list[float] = []  # pre-clip norm of every step of the window whose stats reached the host
         first_step = self.step
         # loss is this rank's share (summed), the norm is global already (averaged), stop votes are counted
@@ -764,6 +764,7 @@ class Trainer:
                 self.tokens_seen += batch.n_tokens
                 log_tokens += batch.n_tokens
                 log_slots += batch.n_slots  # all ranks: pad/bucket widths differ between ranks
+                log_flops += batch.n_slots * self.flops_per_token(batch.attn_len)
                 log_rows += sum(mb.inputs.shape[0] for mb in batch.micro) * self.dist.world
                 step_seq_len = batch.seq_len  # the step just taken (batch becomes the next one below)
                 batch, micro, loader_state = next_batch, next_micro, next_state
@@ -787,7 +788,7 @@ class Trainer:
                               "tokens_per_row": log_tokens / max(log_rows, 1),
                               "skipped": self.guard.bad_total}
                     if self.peak:
-                        record["mfu"] = log_slots / dt * self.flops_per_token / self.peak
+                        record["mfu"] = log_flops / dt / self.dist.world / self.peak  # per GPU, against its peak
                     if self.device.type == "cuda":
                         record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     if self.scaler is not None:
@@ -795,7 +796,7 @@ class Trainer:
                     if self.metrics:
                         self.metrics.write("train", **record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{log_tokens / dt:,.0f}", refresh=False)
-                    log_time, log_tokens, log_slots, log_rows, log_norms = 0.0, 0, 0, 0, []
+                    log_time, log_tokens, log_slots, log_rows, log_flops, log_norms = 0.0, 0, 0, 0, 0.0, []
                 if (t.eval_every and self.step % t.eval_every == 0) or end:
                     self._sync()
                     log_time += time.perf_counter() - t_mark
