@@ -41,6 +41,21 @@ def test_measure_interpolates_the_crossing() -> None:
     assert "not reached" in B.table(rows, 0.5)
 
 
+def test_to_target_columns_need_every_seed_to_reach_it() -> None:
+    """One seed of two reaches the target: no time, tokens or steps to target (a mean over the seed that got
+    there would flatter the recipe); the table says how many did."""
+    val = [{"step": 10, "tokens": 1000, "time": 2.0, "loss": 3.0}, {"step": 20, "tokens": 2000, "time": 4.0,
+                                                                     "loss": 1.0}]
+    runs = [B.BenchRun("r", seed, "", 1.0, 10.0, 0.0, 40, 4000, 1.0, None, 1, val=[dict(v) for v in val])
+            for seed in (0, 1)]
+    runs[1].val[-1]["loss"] = 2.5
+    for r in runs:
+        r.measure(2.0)
+    (row,) = B.summarize(runs, 2.0)
+    assert row["reached"] == 1 and all(math.isnan(row[k][0]) for k in ("time", "tokens", "steps"))
+    assert "| r | 2 | 1/2 seeds reached |" in B.table([row], 2.0)
+
+
 def test_bench_runs_recipes_and_reports(tmp_path: Path, corpus: Path) -> None:
     slow, fast = recipe(tmp_path, "slow", 1e-4), recipe(tmp_path, "quick", 3e-3)
     out = tmp_path / "bench"

@@ -177,3 +177,16 @@ def test_block_statistics_mask_equals_reference_mask(cuts: list[int]) -> None:
     dense = document_mask(doc, use_flex=False)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_tables_stay_fp32_when_the_model_is_cast_to_bf16() -> None:
+    """--train.precision=bf16-pure casts the model: rounding cos/sin to bf16 would shift every rotation."""
+    model = GPT(resolve_model_config(ModelConfig(n_layer=1, n_head=2, n_embd=32), vocab_size=64, block_size=512))
+    rotary = next(m for m in model.modules() if type(m).__name__ == "Rotary")
+    cos, sin = rotary.cos.clone(), rotary.sin.clone()
+    model.to(torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert rotary.cos.dtype == rotary.sin.dtype == torch.float32
+    assert torch.equal(rotary.cos, cos) and torch.equal(rotary.sin, sin)
+    x = torch.randint(0, 64, (2, 16))
+    assert torch.isfinite(model(x, x)).all()

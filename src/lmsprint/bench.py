@@ -118,10 +118,9 @@ def summarize(runs: list[BenchRun], target: float, *, reference: str | None = No
             "name": name,
             "seeds": len(group),
             "reached": len(reached),
-            "time": _mean_sd([r.to_target["time"] for r in reached]) if len(reached) == len(group) else
-            (math.nan, math.nan),
-            "tokens": _mean_sd([r.to_target["tokens"] for r in reached]) if reached else (math.nan, math.nan),
-            "steps": _mean_sd([r.to_target["step"] for r in reached]) if reached else (math.nan, math.nan),
+            "time": _to_target(group, "time"),
+            "tokens": _to_target(group, "tokens"),
+            "steps": _to_target(group, "step"),
             "final": _mean_sd([r.final_loss for r in group]),
             "train_time": _mean_sd([r.train_time for r in group]),
             "compile": _mean_sd([r.compile_time for r in group]),
@@ -130,6 +129,14 @@ def summarize(runs: list[BenchRun], target: float, *, reference: str | None = No
         }
         out.append(row)
     return out
+
+
+def _to_target(group: list[BenchRun], key: str) -> tuple[float, float]:
+    """Mean and sd of ``key`` to the target over the seeds; NaN unless every seed reached the target (a mean over
+    only those that did would flatter the recipe)."""
+    if all(r.to_target.get("time") is not None for r in group):
+        return _mean_sd([r.to_target[key] for r in group])
+    return math.nan, math.nan
 
 
 def table(rows: list[dict], target: float, *, reference: str | None = None) -> str:
@@ -142,8 +149,9 @@ def table(rows: list[dict], target: float, *, reference: str | None = None) -> s
         speed = ref["time"][0] / r["time"][0] if ref and not math.isnan(r["time"][0]) and r["time"][0] > 0 else math.nan
         tok_m = (r["tokens"][0] / 1e6, r["tokens"][1] / 1e6)
         mfu = f"{r['mfu'][0]:.1%}" if not math.isnan(r["mfu"][0]) else "-"
+        time = _fmt(*r["time"]) if not 0 < r["reached"] < r["seeds"] else f"{r['reached']}/{r['seeds']} seeds reached"
         lines.append(
-            f"| {r['name']} | {r['seeds']} | {_fmt(*r['time'])} | {'-' if math.isnan(speed) else f'{speed:.2f}x'} | "
+            f"| {r['name']} | {r['seeds']} | {time} | {'-' if math.isnan(speed) else f'{speed:.2f}x'} | "
             f"{_fmt(*tok_m, digits=2)} | {_fmt(*r['steps'], digits=0)} | {_fmt(*r['final'], digits=4)} | "
             f"{_fmt(*r['train_time'])} | {_fmt(*r['compile'])} | {r['tokens_per_s'][0]:,.0f} | {mfu} |")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +61,23 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, base: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        cos, sin = self._tables(torch.device("cpu"))
         # not persistent: derived from the config, so checkpoints stay free of it
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+                                        / self.head_dim))
+        freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device=device), inv_freq)  # (T, hd/2)
+        return freqs.cos(), freqs.sin()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Rotary:
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:  # model.to(bfloat16): rebuild the tables in fp32, not rounded
+            self.cos, self.sin = self._tables(self.cos.device)
+        return self
 
     def forward(self, x: Tensor, pos: Tensor | None) -> Tensor:
         # x: (B, T, nh, hd); pos: (B, T) positions, or None for 0..T-1
@@ -74,7 +86,6 @@ class Rotary(nn.Module):
             cos, sin = self.cos[:T][None, :, None, :], self.sin[:T][None, :, None, :]  # (1, T, 1, hd/2)
         else:
             cos, sin = self.cos[pos][:, :, None, :], self.sin[pos][:, :, None, :]  # (B, T, 1, hd/2)
-        cos, sin = cos.float(), sin.float()  # stay fp32 even when the model was cast to bf16
         x1, x2 = x.float().chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out.type_as(x)
