@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,14 @@ SOAP = ["--optim.name=soap", "--optim.lr=3e-3", "--optim.precondition_frequency=
 def losses(run_dir: Path) -> dict[int, float]:
     """The last logged loss of each step (a resumed run logs its steps again)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def resumed_losses(run_dir: Path, from_step: int) -> dict[int, float]:
+    """The losses logged after the run's last resume, which must have loaded the checkpoint of ``from_step``."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    last = max(i for i, r in enumerate(records) if r["kind"] == "event" and r["event"] == "resume")
+    assert records[last]["step"] == from_step, records[last]
+    return {r["step"]: r["loss"] for r in records[last:] if r["kind"] == "train"}
 
 
 def assert_same_losses(got: dict[int, float], want: dict[int, float], steps: range, tol: float = 1e-5) -> None:
@@ -103,6 +112,20 @@ def test_ddp_two_ranks_match_one_process(workdir: Path, tmp_path: Path) -> None:
         assert a["mfu"] / a["tokens_per_s"] == pytest.approx(b["mfu"] / b["tokens_per_s"] / 2)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_on_two_ranks_matches_one_process(workdir: Path, tmp_path: Path, strategy: str) -> None:
+    """Two micro-steps per rank: the gradient is synchronised only on the last one (no_sync / FSDP2's
+    set_requires_gradient_sync), and the step equals one process accumulating all four micro-batches."""
+    accum = [*ARGS, "--train.batch_size=8", "--optim.name=adamw"]
+    one = train(build_config(None, [f"--data.source={workdir / 'corpus.jsonl'}", *accum, "--train.steps=4"]),
+                run_dir=tmp_path / "one")
+    run_lmsprint(["train", str(workdir / "corpus.jsonl"), *accum, "--train.steps=4", f"--dist.strategy={strategy}",
+                  "--sample=0", f"--train.out_dir={tmp_path}", "--train.run_name=two"], cwd=tmp_path, torchrun=True)
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert next(r for r in two if r["kind"] == "config")["accum"] == 2
+    assert_same_losses(losses(tmp_path / "two"), losses(one.run_dir), range(1, 5))
+
+
 def test_fsdp_two_ranks_match_one_process_and_resume_on_one(workdir: Path, tmp_path: Path) -> None:
     """torchrun + FSDP2 + Muon: same losses as one process; the sharded checkpoint (DCP shards, consolidated
     weights, checksums) resumes in one process and the run continues with the same losses."""
@@ -126,7 +149,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_on_one(workdir: Path, tmp_p
 
     shutil.rmtree(last)  # back to step 4, then one process continues the two-rank run
     train(resume_config(run, []), run_dir=run, resume=True)
-    assert_same_losses(losses(run), want, range(STEPS // 2 + 1, STEPS + 1))
+    assert_same_losses(resumed_losses(run, STEPS // 2), want, range(STEPS // 2 + 1, STEPS + 1))
 
 
 def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(workdir: Path, tmp_path: Path) -> None:
@@ -135,7 +158,7 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(workdir: Path, tmp_pat
     shutil.copytree(workdir / "ref-muon", run)
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
     run_lmsprint(["train", "--resume", str(run), "--dist.strategy=fsdp", "--sample=0"], cwd=tmp_path, torchrun=True)
-    assert_same_losses(losses(run), losses(workdir / "ref-muon"), range(STEPS // 2 + 1, STEPS + 1))
+    assert_same_losses(resumed_losses(run, STEPS // 2), losses(workdir / "ref-muon"), range(STEPS // 2 + 1, STEPS + 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,3 +321,50 @@ def test_launch_relaunches_through_torchrun_without_nproc(monkeypatch: pytest.Mo
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(Exception, match="under torchrun leave it out"):
         L.launch(2, ["train"])
+
+
+def test_launch_exit_codes_are_the_first_failure_and_the_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root cause's exit code (not a rank torchrun terminated afterwards), 128 + N for a signal, as a shell."""
+    import torch.distributed.run as tdr
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from lmsprint import launch as L
+
+    for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+
+    def failure(rank: int, code: int, when: float) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+        f.timestamp = int(when)
+        return f
+
+    def fails(*failures: ProcessFailure) -> None:
+        raise ChildFailedError("lmsprint", {f.local_rank: f for f in failures})
+
+    monkeypatch.setattr(tdr, "run", lambda args: fails(failure(0, -15, 2), failure(1, 2, 1)))
+    assert L.launch(2, ["train"]) == 2  # rank 1 failed first; torchrun then terminated rank 0
+    monkeypatch.setattr(tdr, "run", lambda args: fails(failure(0, -9, 1)))
+    assert L.launch(2, ["train"]) == 128 + 9
+
+    def interrupted(args: object) -> None:
+        raise SignalException("got SIGINT", signal.SIGINT)
+
+    monkeypatch.setattr(tdr, "run", interrupted)
+    assert L.launch(2, ["train"]) == 130
+
+
+def test_sharded_checkpoint_of_an_empty_optimizer_state_stays_empty(tmp_path: Path) -> None:
+    """Saving right after a rollback to the initial weights: DCP would fill an empty optimizer state by a zero-lr
+    step, which the continued run would then use (Adam's moments at step 1, Muon's warm-up one step on)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    D.save_sharded(model, opt, tmp_path / "dcp")
+    assert not opt.state
+    other = nn.Linear(4, 4)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    other(torch.randn(2, 4)).sum().backward()
+    opt2.step()
+    D.load_sharded(other, opt2, tmp_path / "dcp")
+    assert not opt2.state and torch.equal(other.weight, model.weight)

@@ -69,16 +69,24 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         cfg = build_config(_recipe_default(args.config, overrides), overrides)
         run_dir = new_run_dir(cfg)
-    if args.nproc > 1:
+    if args.nproc != 1:
+        from lmsprint.config import validate
         from lmsprint.launch import launch
+        from lmsprint.train.trainer import micro_batch_rows
 
-        return launch(args.nproc, sys.argv[1:])
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+        validate(cfg)  # config errors once, here, rather than once per worker
+        micro_batch_rows(cfg.train, args.nproc)
+        return launch(args.nproc, args.argv)
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun: rank 0 reports and samples
     if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
-        print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
-              file=sys.stderr)
+        if main_rank:
+            print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
+                  file=sys.stderr)
         return 128 + int(result.stop_signal or 2)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports and samples
+    if not main_rank:
         return 0
     print(f"\nrun: {result.run_dir}")
     if result.val_loss is not None:
@@ -317,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, overrides = parser.parse_known_args(_join_override_values(argv))
+    args.argv = argv  # what --nproc relaunches
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "schedule": cmd_schedule,
                 "bench": cmd_bench,
                 "restarts": cmd_restarts,
@@ -329,7 +338,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         sys.exit(handlers[args.command](args, overrides))
     except LmsprintError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        elif not isinstance(e, ConfigError):  # every rank reads the same config: rank 0 reports those
+            print(f"error (rank {rank}): {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -70,8 +70,9 @@ def setup(device_pref: str = "auto") -> DistInfo:
         return DistInfo(0, 1, 0, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"process with local rank {local_rank} but only {torch.cuda.device_count()} GPUs are "
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if local_world > torch.cuda.device_count():  # checked on every rank: each reports (and exits) alike
+            raise ConfigError(f"{local_world} processes on this node but only {torch.cuda.device_count()} GPUs are "
                               "visible; start at most that many processes per node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -391,11 +392,13 @@ def map_matrices(fn: Callable[[Tensor], Tensor], inputs: Sequence[Tensor], like:
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Every rank writes its shards of the model and optimizer state (Distributed Checkpoint) under ``path``."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer.state:  # an empty state would be materialised by a zero-lr optimizer step (DCP's _init_optim_state)
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        dcp.save(state, checkpoint_id=str(path))
     except Exception as e:  # raised on every rank (DCP gathers the write results)
         raise CheckpointError(f"could not write the sharded checkpoint {path} ({e.__class__.__name__}: {e}); check "
                               "free space and that every node sees the run directory") from None
@@ -405,10 +408,24 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
     """Load a Distributed Checkpoint into this run's layout, whatever the world size and strategy that saved it
     (DCP reshards: FSDP2 shards of any size, or whole tensors for one process / DDP)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # also materialises the optimizer state to load into
-    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.__class__.__name__}); delete it to fall back to "
+                              "an earlier one") from None
+    with_optim = any(k.startswith("optim.") for k in keys)
+    if with_optim:
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # also materialises the optimizer state to load into
+        state = {"model": model_sd, "optim": optim_sd}
+    else:  # saved before any optimizer step
+        state = {"model": get_model_state_dict(model)}
     try:
         with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is right
             warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
@@ -416,7 +433,11 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.__class__.__name__}); delete it to fall back to "
                               "an earlier one") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if with_optim:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
+        optimizer.state.clear()
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:

@@ -46,6 +46,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc starts its own processes; under torchrun leave it out (torchrun's "
                           "--nproc-per-node sets the count)")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -53,6 +54,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     try:
         run(parse_args(torchrun_args(nproc, argv)))
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values() if f.exitcode]
-        return codes[0] if codes else 1
+        code = e.get_first_failure()[1].exitcode  # the root cause, not the lowest rank (often SIGTERMed by torchrun)
+        return 128 - code if code < 0 else (code or 1)  # killed by signal N: 128 + N, as a shell reports it
+    except SignalException as e:  # Ctrl-C / SIGTERM: torchrun forwarded it, the workers checkpointed and exited
+        return 128 + int(e.sigval)
     return 0

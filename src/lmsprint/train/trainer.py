@@ -160,6 +160,15 @@ def _end_last_line(path: Path) -> None:
                 f.write(b"\n")
 
 
+def micro_batch_rows(t: Any, world: int) -> int:
+    """Rows per forward pass on each of ``world`` processes (ConfigError when the batch does not split)."""
+    micro = t.micro_batch_size or max(1, t.batch_size // world)
+    if t.batch_size % (micro * world) != 0:
+        raise ConfigError(f"--train.batch_size={t.batch_size} is not divisible by --train.micro_batch_size="
+                          f"{micro} x {world} processes; pick sizes with batch = micro x processes x k")
+    return micro
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(cfg.train.out_dir) / name
@@ -205,10 +214,7 @@ class Trainer:
         self.train_stream = TokenStream(self.data.train)
         self.val_stream = TokenStream(self.data.val)
         world = self.dist.world
-        micro = t.micro_batch_size or max(1, t.batch_size // world)
-        if t.batch_size % (micro * world) != 0:
-            raise ConfigError(f"--train.batch_size={t.batch_size} is not divisible by --train.micro_batch_size="
-                              f"{micro} x {world} processes; pick sizes with batch = micro x processes x k")
+        micro = micro_batch_rows(t, world)
         self.micro_rows = micro
         self.accum = t.batch_size // (micro * world)
         self.total_steps = self._total_steps()
