@@ -877,7 +877,9 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
     trainer = None
     try:
         trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks)
-        return trainer.run()
+        result = trainer.run()
+        D.barrier()  # every rank is done: no collective is in flight when the process group goes
+        return result
     except BaseException as e:
         # a run that fails to start (bad corpus, a micro-batch the GPU cannot hold, Ctrl-C while preparing data)
         # leaves no run directory behind; one that trained keeps its metrics and checkpoints
@@ -888,6 +890,10 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
                 path.mkdir(exist_ok=True)
         raise
     finally:
+        # the wrapped model holds the process group: free it now rather than at interpreter exit, where gloo's
+        # worker threads dying with it can abort the process ("terminate called without an active exception")
+        trainer = None
+        gc.collect()
         D.teardown()
 
 
