@@ -56,7 +56,7 @@ def run(cmd: list[str], *, env: dict | None = None, timeout: int = 600) -> tuple
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    from lmsprint.train.metrics import read_metrics
+    from lmsprint.training.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -125,7 +125,7 @@ def phase_optim(args: argparse.Namespace, out: Path) -> None:
 
 def _train(name: str, recipe: str, overrides: list[str], args: argparse.Namespace) -> dict:
     from lmsprint.config import build_config
-    from lmsprint.train.trainer import train
+    from lmsprint.training.trainer import train
 
     run_dir = Path("/tmp/runs") / name
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lmsprint.config import build_config
-from lmsprint.train.trainer import Callback, Trainer
+from lmsprint.training.trainer import Callback, Trainer
 
 
 def category(name: str) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from lmsprint import bench as B
 from lmsprint.config import RunConfig, to_toml
-from lmsprint.train import trainer as T
+from lmsprint.training import trainer as T
 
 TINY = {
     "data": {"tokenizer": "byte", "seq_len": 32, "val_fraction": 0.1},

@@ -25,8 +25,8 @@ from torch import nn
 
 from lmsprint import distributed as D
 from lmsprint.config import build_config
-from lmsprint.train.metrics import read_metrics
-from lmsprint.train.trainer import resume_config, train
+from lmsprint.training.metrics import read_metrics
+from lmsprint.training.trainer import resume_config, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 8
@@ -137,7 +137,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_on_one(workdir: Path, tmp_p
 
     from safetensors.torch import load_file
 
-    from lmsprint.train import checkpoint as ckpt
+    from lmsprint.training import checkpoint as ckpt
 
     last = run / "checkpoints" / f"step_{STEPS:08d}"
     meta = ckpt.verify(last)

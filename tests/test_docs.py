@@ -49,3 +49,18 @@ def test_markdown_links_resolve(page: Path) -> None:
         if not (page.parent / path).exists():
             missing.append(target)
     assert not missing, f"{page.relative_to(ROOT)} links to missing pages: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("first", ["", "import lmsprint.training.trainer; "])
+def test_the_python_api_of_the_readme_imports_functions(first: str) -> None:
+    """``from lmsprint import build_config, train, prepare`` gives the functions, whatever was imported before
+    (a subpackage named ``train`` once shadowed the function)."""
+    import subprocess
+    import sys
+
+    code = (f"{first}from lmsprint import build_config, prepare, train; import inspect; "
+            "assert all(inspect.isfunction(f) for f in (build_config, prepare, train)), (build_config, prepare, train)")
+    src = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

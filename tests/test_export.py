@@ -13,8 +13,8 @@ from lmsprint.errors import LmsprintError
 from lmsprint.export import architecture, export
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.sample import load_model
-from lmsprint.train import checkpoint as ckpt
-from lmsprint.train.trainer import train
+from lmsprint.training import checkpoint as ckpt
+from lmsprint.training.trainer import train
 
 transformers = pytest.importorskip("transformers")
 

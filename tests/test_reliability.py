@@ -22,9 +22,9 @@ from conftest import make_docs, run_cli, tiny_config
 from lmsprint.config import ModelConfig
 from lmsprint.errors import CheckpointError
 from lmsprint.model import resolve_model_config
-from lmsprint.train import checkpoint as ckpt
-from lmsprint.train.metrics import read_metrics
-from lmsprint.train.trainer import Callback, GPUOutOfMemory, Trainer, suggest_micro_batch, train
+from lmsprint.training import checkpoint as ckpt
+from lmsprint.training.metrics import read_metrics
+from lmsprint.training.trainer import Callback, GPUOutOfMemory, Trainer, suggest_micro_batch, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # ~250 optimizer steps of a 1-layer model: a few seconds of training, long enough to interrupt on purpose

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from lmsprint.train import checkpoint as ckpt
-from lmsprint.train.metrics import read_metrics
-from lmsprint.train.trainer import Callback, Trainer, resolve_precision
+from lmsprint.training import checkpoint as ckpt
+from lmsprint.training.metrics import read_metrics
+from lmsprint.training.trainer import Callback, Trainer, resolve_precision
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -234,7 +234,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler(tmp_path: Path, corpus: Path) ->
 
 def test_guard_decisions_and_reasons() -> None:
     from lmsprint.config import GuardConfig
-    from lmsprint.train.guard import Guard
+    from lmsprint.training.guard import Guard
 
     guard = Guard(GuardConfig(max_bad_steps=2, spike_factor=2.0, spike_warmup=2, ema=0.5))
     assert guard.check(10.0, 1.0) == "ok"
@@ -260,7 +260,7 @@ def test_fp16_endless_overflow_becomes_bad_steps() -> None:
     """Under loss scaling a non-finite gradient is an overflow for the scaler, until it has happened
     OVERFLOWS_IN_ROW times in a row: then it is a NaN no scale can fix, and counts as a bad step (-> rollback)."""
     from lmsprint.config import GuardConfig
-    from lmsprint.train.guard import OVERFLOWS_IN_ROW, Guard
+    from lmsprint.training.guard import OVERFLOWS_IN_ROW, Guard
 
     guard = Guard(GuardConfig(max_bad_steps=2))
     for _ in range(OVERFLOWS_IN_ROW):

@@ -9,8 +9,8 @@ from conftest import assert_clean_error, run_cli, tiny_config
 
 from lmsprint.data.prepare import prepared_data
 from lmsprint.model import GPT, GPTConfig
-from lmsprint.train.metrics import read_metrics
-from lmsprint.train.trainer import train
+from lmsprint.training.metrics import read_metrics
+from lmsprint.training.trainer import train
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -38,7 +38,7 @@ def test_exact_resume(tmp_path: Path, corpus: Path) -> None:
     cfg = tiny_config(corpus, train__steps=12, train__ckpt_every=6)
     straight = train(cfg, run_dir=tmp_path / "a")
     first = tiny_config(corpus, train__steps=12, train__ckpt_every=6)
-    from lmsprint.train.trainer import Trainer
+    from lmsprint.training.trainer import Trainer
 
     trainer = Trainer(first, tmp_path / "b")
     trainer.total_steps = 12

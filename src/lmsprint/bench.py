@@ -18,8 +18,8 @@ from pathlib import Path
 from lmsprint.compare import crossing
 from lmsprint.config import build_config
 from lmsprint.errors import LmsprintError
-from lmsprint.train.metrics import read_metrics
-from lmsprint.train.trainer import Callback, train
+from lmsprint.training.metrics import read_metrics
+from lmsprint.training.trainer import Callback, train
 
 # One technique of a recipe removed at a time (`--ablate fast`): name -> overrides that switch it off.
 ABLATIONS: dict[str, list[str]] = {

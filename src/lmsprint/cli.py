@@ -60,7 +60,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
-    from lmsprint.train.trainer import new_run_dir, resume_config, train
+    from lmsprint.training.trainer import new_run_dir, resume_config, train
 
     overrides = _with_data(args, overrides)
     if args.resume:
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.nproc != 1:
         from lmsprint.config import validate
         from lmsprint.launch import launch
-        from lmsprint.train.trainer import micro_batch_rows
+        from lmsprint.training.trainer import micro_batch_rows
 
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")

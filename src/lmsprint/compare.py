@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmsprint.errors import CheckpointError
-from lmsprint.train.metrics import read_metrics
+from lmsprint.training.metrics import read_metrics
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:

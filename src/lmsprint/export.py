@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
 from lmsprint.errors import CheckpointError, LmsprintError
 from lmsprint.model import GPTConfig
-from lmsprint.train import checkpoint as ckpt
+from lmsprint.training import checkpoint as ckpt
 
 NORM_EPS = 1e-5  # lmsprint's Norm default (layers.Norm): Llama's rms_norm_eps, GPT-2's layer_norm_epsilon
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmsprint.train.metrics import read_metrics
+from lmsprint.training.metrics import read_metrics
 
 
 def _pyplot():  # noqa: ANN202

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lmsprint.config import RunConfig, to_toml, validate
 from lmsprint.errors import ConfigError, LmsprintError
-from lmsprint.train.metrics import read_metrics
+from lmsprint.training.metrics import read_metrics
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _run_name(seed: int) -> str:
 
 
 def _in_process(cfg: RunConfig, run: RestartRun, stop: int | None, first: bool) -> None:
-    from lmsprint.train.trainer import resume_config, train
+    from lmsprint.training.trainer import resume_config, train
 
     if first:
         cfg = copy.deepcopy(cfg)

@@ -9,7 +9,7 @@ import torch
 from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
 from lmsprint.errors import CheckpointError
 from lmsprint.model import GPT, GPTConfig
-from lmsprint.train import checkpoint as ckpt
+from lmsprint.training import checkpoint as ckpt
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, TextTokenizer, Path]:

@@ -38,9 +38,9 @@ from lmsprint.model import GPT, IGNORE_INDEX, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
 from lmsprint.schedules import build_schedule
-from lmsprint.train import checkpoint as ckpt
-from lmsprint.train.guard import Guard
-from lmsprint.train.metrics import MetricsLog, peak_flops
+from lmsprint.training import checkpoint as ckpt
+from lmsprint.training.guard import Guard
+from lmsprint.training.metrics import MetricsLog, peak_flops
 
 
 class TrainingDiverged(LmsprintError):
