@@ -90,7 +90,17 @@ def test_sample_from_run(tmp_path: Path, corpus: Path) -> None:
 
     result = train(tiny_config(corpus), run_dir=tmp_path / "run")
     texts = sample(result.run_dir, prompt="the", max_new_tokens=10, num_samples=2)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == 2 and all(isinstance(t, str) and t.startswith("the") for t in texts)
+
+
+def test_cli_sample_prints_the_prompt_once(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmsprint.cli import main
+
+    result = train(tiny_config(corpus, train__steps=4), run_dir=tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(result.run_dir), "--prompt", "hello ", "--tokens", "0"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == "hello \n"
 
 
 TINY = ["--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2", "--train.steps=2",

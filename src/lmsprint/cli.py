@@ -137,7 +137,7 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")
-        print(args.prompt + text)
+        print(text)  # the prompt and its continuation
     return 0
 
 

@@ -30,7 +30,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
 def sample(path: str | Path, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 50, seed: int = 0, num_samples: int = 1, device: str = "cpu") -> list[str]:
-    """Generate ``num_samples`` continuations of ``prompt`` (an empty prompt starts a new document)."""
+    """Generate ``num_samples`` texts: ``prompt`` followed by its continuation (an empty prompt starts a new
+    document), each cut at the end-of-document token."""
     model, tok, _ = load_model(path, device)
     ids = [tok.eot_id] + tok.encode(prompt)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
