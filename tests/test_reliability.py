@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,11 +134,28 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(raw))
 
 
+def _edit_meta(path: Path, edit: Any) -> None:
+    """Rewrite meta.json as valid JSON with ``edit`` applied: a bit flip that still parses, or a wrong shape."""
+    meta = json.loads((path / "meta.json").read_text())
+    edit(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _dir_instead_of(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 DAMAGE = {
     "flip-weights": lambda p: _flip(p / "model.safetensors", -100),
     "flip-state": lambda p: _flip(p / "state.pt", 500),
     "truncate-state": lambda p: os.truncate(p / "state.pt", 100),
     "no-meta": lambda p: (p / "meta.json").unlink(),
+    "meta-model-shape-changed": lambda p: _edit_meta(p, lambda m: m["model_config"].update(rope_base=90000.0)),
+    "meta-files-a-list": lambda p: _edit_meta(p, lambda m: m.update(files=list(m["files"]))),
+    "meta-unknown-model-key": lambda p: _edit_meta(p, lambda m: m["model_config"].update(depth=3)),
+    "meta-no-model-config": lambda p: _edit_meta(p, lambda m: m.pop("model_config")),
+    "weights-a-directory": lambda p: _dir_instead_of(p / "model.safetensors"),
 }
 
 
@@ -165,6 +183,22 @@ def test_corrupt_newest_checkpoint_is_skipped_and_resume_continues_exactly(
     assert events(run, "resume")[-1]["step"] == 8
     assert_same_losses(train_losses(original), train_losses(run))
     assert [p.name for p in assert_checkpoints_complete(run)] == ["step_00000004", "step_00000008", "step_00000012"]
+
+
+def test_sample_and_export_of_a_file_are_clean_errors(tmp_path: Path, finished_run: tuple[Path, Path]) -> None:
+    from lmsprint.export import export
+    from lmsprint.sample import sample
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(CheckpointError, match="afile is not a directory"):
+        sample(afile)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[1], run)
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("x")
+    with pytest.raises(CheckpointError, match="no valid checkpoint under"):
+        export(run, tmp_path / "hf")
 
 
 def _save(root: Path, step: int, keep: int = 2) -> Path:

@@ -125,6 +125,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Ten
             _fsync_dir(d)
         meta = {"step": step, "files": files, "model_config": asdict(model_config), "time": time.time(),
                 "torch": torch.__version__}
+        meta["meta_sha256"] = _meta_digest(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         _fsync_file(tmp / "meta.json")
         _fsync_dir(tmp)
@@ -175,7 +176,7 @@ def _disk_full(e: BaseException, where: Path) -> bool:
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Checkpoint directories, oldest first (temporary ones are never listed)."""
-    if not ckpt_root.exists():
+    if not ckpt_root.is_dir():
         return []
     return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
@@ -188,18 +189,33 @@ def clean_partial(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of meta.json's content without its own checksum (the model shape and file list are checked too)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def verify(path: Path) -> dict[str, Any]:
     """Check a checkpoint's files against its checksums; returns its meta or raises CheckpointError."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         files = meta["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (bad meta.json)") from None
+        GPTConfig(**meta["model_config"])
+        ok = (isinstance(files, dict) and {"model.safetensors", "state.pt"} <= files.keys()
+              and meta.get("meta_sha256", _meta_digest(meta)) == _meta_digest(meta))  # older checkpoints: no field
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (bad meta.json)")
     for name, digest in files.items():
         f = path / name
-        if not f.exists():
+        if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete ({name} missing)")
-        if _sha256(f) != digest:
+        try:
+            bad = _sha256(f) != digest
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {path} cannot be read ({name}: {e.strerror or e})") from None
+        if bad:
             raise CheckpointError(f"checkpoint {path} is corrupt ({name} fails its checksum)")
     return meta
 
@@ -235,9 +251,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 def find_weights(path: Path) -> Path:
     """A checkpoint directory given a run directory, a checkpoints directory or a checkpoint itself."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass a run directory (runs/NAME) or a checkpoint directory")
     if (path / "meta.json").exists() and (path / "model.safetensors").exists():
         return path
-    root = path / "checkpoints" if (path / "checkpoints").exists() else path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     skipped: list[str] = []
     found = latest_valid(root, warn=skipped.append)
     if found is None:
