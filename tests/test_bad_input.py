@@ -204,7 +204,26 @@ MORE_CASES = [
                                        "--data.seq_milestones=100"), "needs 2 doublings"),
     Case("negative-spike-warmup", ("train", "c.jsonl", *TINY, "--guard.spike_warmup=-1"),
          "--guard.spike_warmup must be >= 0"),
+    Case("run-directory-is-a-file", ("train", "corpus.jsonl", *TINY, "--train.run_name=afile"), "already exists",
+         lambda d, a: (_copy("corpus.jsonl")(d, a), (d / "runs").mkdir(), _write("runs/afile", "x")(d, a))),
+    Case("prepared-meta-without-shards", ("train", "prep", *TINY), "prep is corrupt (meta.json lists no shards)",
+         _copy("prep", then=lambda d: _edit_json(d / "prep" / "meta.json", lambda m: m.pop("train")))),
+    Case("sample-a-file", ("sample", "afile"), "afile is not a directory", _write("afile", "x")),
+    Case("sample-nan-temperature", ("sample", "runs/good", "--temperature", "nan"),
+         "--temperature must be a finite number >= 0", _copy("runs")),
+    Case("sample-unknown-device", ("sample", "runs/good", "--device", "meta"), "--device: unknown device 'meta'",
+         _copy("runs")),
+    Case("export-under-a-file", ("export", "runs/good", "afile/hf"), "cannot write afile/hf",
+         lambda d, a: (_copy("runs")(d, a), _write("afile", "x")(d, a))),
+    Case("compare-png-not-an-image", ("compare", "runs/good", "--png", "out.txt"), "--png out.txt: give a file name "
+         "ending in .png", _copy("runs")),
 ]
+
+
+def _edit_json(path: Path, edit: object) -> None:
+    data = json.loads(path.read_text())
+    edit(data)  # type: ignore[operator]
+    path.write_text(json.dumps(data))
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bool, int, int]]:

@@ -7,6 +7,7 @@ SIGINT/SIGTERM checkpoints and exits with 128 + the signal (130, 143); a second 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -124,12 +125,16 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     for flag, value, low in (("--tokens", args.tokens, 0), ("--num", args.num, 1), ("--top-k", args.top_k, 0)):
         if value < low:
             raise LmsprintError(f"{flag} must be at least {low}, got {value}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise LmsprintError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     import torch
 
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise LmsprintError(f"--device: unknown device {args.device!r}; use cpu or cuda") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise LmsprintError(f"--device: unknown device {args.device!r}; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmsprintError(f"--device {args.device} but no CUDA GPU is available here; use --device cpu")
     texts = sample(args.run, prompt=args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,

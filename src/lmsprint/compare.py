@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmsprint.errors import CheckpointError
+from lmsprint.errors import CheckpointError, LmsprintError
 from lmsprint.training.metrics import read_metrics
 
 
@@ -79,6 +79,9 @@ def _latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")
+
+
 def load_run(path: str | Path) -> Run:
     """Read a run directory's metrics.
 
@@ -96,8 +99,13 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Read several runs; runs with the same directory name are labelled by their full path."""
-    runs = [load_run(p) for p in paths]
+    """Read several runs; runs with the same directory name are labelled by their full path. A directory that holds
+    runs rather than being one (``lmsprint bench``'s or ``restarts``' --out) stands for the runs inside it."""
+    expanded: list[Path] = []
+    for p in map(Path, paths):
+        inner = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file()) if p.is_dir() else []
+        expanded += inner if not (p / "metrics.jsonl").exists() and inner else [p]
+    runs = [load_run(p) for p in expanded]
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
@@ -187,9 +195,13 @@ def plot(runs: Sequence[Run], png: str | Path, *, target: float | None = None) -
     fig.suptitle(f"validation loss (markers) and training loss (faint){suffix}")
     fig.tight_layout()
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=110)
+    except OSError as e:
+        raise LmsprintError(f"cannot write {png} ({e.strerror or e}); pass another --png") from None
+    finally:
+        plt.close(fig)
     return png
 
 
@@ -201,6 +213,8 @@ def compare(run_dirs: Sequence[str | Path], *, target: float | None = None, png:
         target: the loss for "time/tokens to"; default the worst of the runs' final validation losses.
         png: where to draw the three-panel figure (None: no figure).
     """
+    if png is not None and Path(png).suffix.lower() not in FIGURE_SUFFIXES:
+        raise LmsprintError(f"--png {png}: give a file name ending in {', '.join(FIGURE_SUFFIXES)}")
     runs = load_runs(run_dirs)
     if target is None:
         target = default_target(runs)

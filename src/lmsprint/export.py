@@ -192,8 +192,13 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     tensors = _llama_weights(weights, cfg) if arch == "llama" else _gpt2_weights(weights, cfg)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    cannot = "; choose another output directory or check its permissions and free space"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise LmsprintError(f"cannot write {out_dir} ({e.strerror or e}{where}){cannot}") from None
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -207,7 +212,9 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise LmsprintError(f"cannot write {out_dir} ({e.strerror or e}){cannot}") from None
         raise
     return out_dir

@@ -154,7 +154,12 @@ def prepare(
         raise DataError("no validation data: set --data.val_fraction > 0 or pass --data.val_source")
 
     t0 = time.time()
-    tok = _make_tokenizer(tokenizer, vocab_size, train_src, progress)
+    try:
+        tok = _make_tokenizer(tokenizer, vocab_size, train_src, progress)  # BPE: reads the whole corpus
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise DataError(f"reading the corpus failed ({e.strerror or e}{where}); fix the file's permissions or "
+                        "replace the damaged file") from None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -235,8 +240,12 @@ def load_prepared(path: str | Path) -> PreparedData:
     if version != META_VERSION:
         raise DataError(f"{path} was prepared by another lmsprint version; delete it and prepare again")
     tok = load_tokenizer(path / "tokenizer.json")
-    train = [read_shard(path / name) for name in meta["train"]["shards"]]
-    val = [read_shard(path / name) for name in meta["val"]["shards"]]
+    try:
+        train = [read_shard(path / name) for name in meta["train"]["shards"]]
+        val = [read_shard(path / name) for name in meta["val"]["shards"]]
+    except (KeyError, TypeError, OSError) as e:
+        reason = "a shard cannot be read" if isinstance(e, OSError) else "meta.json lists no shards"
+        raise DataError(f"{path} is corrupt ({reason}); delete it and prepare again") from None
     for shard in train + val:
         if shard.header.tokenizer_sha != tok.sha or shard.header.vocab_size != tok.vocab_size:
             raise DataError(f"{shard.path} was made with a different tokenizer than {path / 'tokenizer.json'}; "
@@ -254,7 +263,8 @@ def cache_key(spec: str, *, tokenizer: str, vocab_size: int, val_source: str | N
     train_src, _ = sources.resolve(spec, text_docs=text_docs, cache_dir=cache_dir)
     parts = [spec, train_src.fingerprint(), tokenizer, str(vocab_size), str(val_fraction), text_docs]
     if tokenizer not in ("bpe", "byte"):
-        parts.append(hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest() if Path(tokenizer).exists() else "")
+        tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+        parts.append(hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else "")
     else:
         parts.append("" if tokenizer == "byte" else str(vocab_size))
     if val_source:

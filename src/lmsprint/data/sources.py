@@ -58,7 +58,10 @@ class Source:
     def fingerprint(self) -> str:
         """Changes when the files change (paths, sizes, modification times): keys the prepared-data cache."""
         h = hashlib.sha256(self.text_docs.encode())
-        for p in self.files + ([self.hf_dataset] if self.hf_dataset else []):
+        files = list(self.files)
+        if self.hf_dataset:  # save_to_disk rewrites the same file names: the directory's own stat does not change
+            files += sorted(p for p in self.hf_dataset.rglob("*") if p.is_file())
+        for p in files:
             st = p.stat()
             h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
@@ -267,7 +270,11 @@ def _docs_from_hf(path: Path) -> Iterator[str]:
     except ImportError:
         raise DataError(f"{path} is a Hugging Face datasets directory; reading it needs: pip install datasets") \
             from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged state.json / arrow file: whatever datasets raises
+        raise DataError(f"{path} is not a readable datasets directory ({e.__class__.__name__}: {e}); save it again "
+                        "with save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path} holds splits {list(ds)}; point at one split's directory")

@@ -870,7 +870,7 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
     validate(cfg)
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     existed = path.exists()
-    fresh = not resume and not (path.is_dir() and any(path.iterdir()))
+    fresh = not resume and (not existed or (path.is_dir() and not any(path.iterdir())))
     created = path  # the outermost directory this run creates (runs/ too, the first time)
     while not created.parent.exists() and created.parent != created:
         created = created.parent
