@@ -121,3 +121,16 @@ def test_tensorboard_event_files(tmp_path: Path, corpus: Path) -> None:
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "val/loss" in tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_a_directory_of_runs_stands_for_the_runs_inside(tmp_path: Path) -> None:
+    """`lmsprint compare runs/*` with runs/bench (bench's --out, holding runs) among them."""
+    rec = [{"kind": "val", "step": 10, "loss": 3.0, "tokens": 100, "time": 1.0}]
+    a = _write_metrics(tmp_path / "a", rec)
+    _write_metrics(tmp_path / "bench" / "baseline-s0", rec)
+    _write_metrics(tmp_path / "bench" / "fast-s0", rec)
+    (tmp_path / "bench" / "bench.md").write_text("report")
+    assert [r.path for r in load_runs([a, tmp_path / "bench"])] == [
+        a, tmp_path / "bench" / "baseline-s0", tmp_path / "bench" / "fast-s0"]
+    with pytest.raises(LmsprintError, match="not a run directory"):
+        load_runs([tmp_path / "bench" / "bench.md"])

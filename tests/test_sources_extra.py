@@ -1,5 +1,6 @@
 """Inputs users already have: parquet files and Hugging Face ``datasets`` directories go through prepare intact."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,31 @@ def test_hf_dataset_without_text_column(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"content": DOCS}).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match="no 'text' column"):
         prepare(str(tmp_path / "ds"), tmp_path / "out", tokenizer="byte", progress=False)
+
+
+def test_hf_datasets_directory_saved_again_is_prepared_again(tmp_path: Path) -> None:
+    """save_to_disk rewrites the same file names (the directory's own size and time stay): the cache must see it."""
+    datasets = pytest.importorskip("datasets")
+    from lmsprint.data.prepare import prepared_data
+
+    ds, cache = tmp_path / "ds", str(tmp_path / "cache")
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(ds))
+    first = prepared_data(str(ds), tokenizer="byte", val_fraction=0.2, progress=False, cache_dir=cache)
+    changed = [d.upper() for d in DOCS]
+    datasets.Dataset.from_dict({"text": changed}).save_to_disk(str(ds))
+    second = prepared_data(str(ds), tokenizer="byte", val_fraction=0.2, progress=False, cache_dir=cache)
+    assert second.path != first.path
+    assert_all_documents(second.path, changed)
+
+
+def test_a_tokenizer_directory_is_accepted(tmp_path: Path) -> None:
+    from lmsprint.data.prepare import prepared_data
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    first = prepared_data(str(tmp_path / "c.jsonl"), tokenizer="byte", val_fraction=0.2, progress=False,
+                          cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes((first.path / "tokenizer.json").read_bytes())
+    again = prepared_data(str(tmp_path / "c.jsonl"), tokenizer=str(tmp_path / "tok"), val_fraction=0.2,
+                          progress=False, cache_dir=str(tmp_path / "cache"))
+    assert again.tokenizer.vocab_size == first.tokenizer.vocab_size
