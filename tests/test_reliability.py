@@ -485,3 +485,26 @@ def test_gpu_out_of_memory_through_the_cli(tmp_path: Path, corpus: Path) -> None
     assert not (tmp_path / "runs" / "oom").exists()  # a run that never trained leaves no directory
     fits = run_cli("train", str(corpus), *big, f"--train.micro_batch_size={micro}", cwd=tmp_path)
     assert fits.returncode == 0, fits.stderr
+
+
+def test_sigterm_while_preparing_data_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """SIGTERM before the training loop (here: in the middle of tokenizing) ends through the normal cleanup:
+    exit 143, no temporary shard directory next to --out."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)))
+    code = ("import os, signal, sys\n"
+            "import lmsprint.data.prepare as P\n"
+            "add = P._SplitWriter.add\n"
+            "def add_then_term(self, ids):\n"
+            "    add(self, ids)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "P._SplitWriter.add = add_then_term\n"
+            "from lmsprint.cli import main\n"
+            "sys.argv = ['lmsprint', 'prepare', sys.argv[1], '--out', sys.argv[2], '--data.tokenizer=byte']\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / "out" / "prep")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -326,8 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM before the training loop (which installs its own handler): end through the normal cleanup (the
+    except/finally blocks that remove half-written directories), with the shell's code 143."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the process's own command line (not an in-process call from Python)
+        import signal
+
+        argv = sys.argv[1:]
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
     args, overrides = parser.parse_known_args(_join_override_values(argv))
     args.argv = argv  # what --nproc relaunches
