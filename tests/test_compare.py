@@ -123,6 +123,22 @@ def test_tensorboard_event_files(tmp_path: Path, corpus: Path) -> None:
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_tensorboard_shows_replayed_steps_once(tmp_path: Path, corpus: Path) -> None:
+    """Resumed from step 4 after steps 5-8 were logged: TensorBoard keeps the second attempt's 5-8 only."""
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(corpus, train__steps=8, train__eval_every=0, train__ckpt_every=4, log__tensorboard="true")
+    train(cfg, run_dir=tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000008")
+    train(cfg, run_dir=tmp_path / "run", resume=True)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+
+
 def test_a_directory_of_runs_stands_for_the_runs_inside(tmp_path: Path) -> None:
     """`lmsprint compare runs/*` with runs/bench (bench's --out, holding runs) among them."""
     rec = [{"kind": "val", "step": 10, "loss": 3.0, "tokens": 100, "time": 1.0}]

@@ -16,11 +16,21 @@ def _pyplot():  # noqa: ANN202
     return plt
 
 
+def _last_attempt(records: list[dict]) -> list[dict]:
+    """Records in step order, those of steps a resume or rollback logged again replaced by the later ones."""
+    out: list[dict] = []
+    for r in records:
+        while out and out[-1]["step"] >= r["step"]:
+            out.pop()
+        out.append(r)
+    return out
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw train/val loss and the learning rate against steps to ``RUN/loss.png``."""
     records = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "val"]
+    train = _last_attempt([r for r in records if r["kind"] == "train"])
+    val = _last_attempt([r for r in records if r["kind"] == "val"])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:

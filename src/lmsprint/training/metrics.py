@@ -36,6 +36,15 @@ class MetricsLog:
                 if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{key}", v, values["step"])
 
+    def replay_from(self, step: int) -> None:
+        """A resume or rollback logs steps >= ``step`` again: TensorBoard hides the abandoned attempt's events of
+        those steps (readers of metrics.jsonl keep the last record of each step)."""
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=step)
+
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:

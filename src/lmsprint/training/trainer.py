@@ -461,6 +461,8 @@ class Trainer:
                                   f"checksum); delete {self.ckpt_root} to train this run again from step 0, or "
                                   "start a new run")
         self._load(path, rollback=False)
+        if self.metrics:
+            self.metrics.replay_from(self.step + 1)
         self.log_line(f"resumed from {path} at step {self.step}")
         if self.metrics:
             self.metrics.write("event", event="resume", step=self.step, checkpoint=str(path))
@@ -502,6 +504,8 @@ class Trainer:
         # persist the rollback (lr scale, counters, data seed); saving replaces step_S and deletes the abandoned
         # attempt's newer checkpoints, which a resume after a crash would otherwise pick up
         self.save(self.loader.state_dict())
+        if self.metrics:
+            self.metrics.replay_from(self.step + 1)
         message = (f"{reason}: rollback #{self.guard.rollbacks} to step {self.step} ({path or 'initial weights'}); "
                    f"lr scale {self.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
         self.log_line(message)
