@@ -277,7 +277,9 @@ class Trainer:
         self.good_step = 0
         """The newest step whose weights passed the guard: a rollback goes to a checkpoint no newer than it."""
         self.val_history: list[tuple[int, float]] = []
-        self.flops_per_token = model.flops_per_token  # of the length a step's tokens attend over
+        # FLOPs per token = 6N + 12 L C T, T the length a step's tokens attend over (it varies: padding, curriculum)
+        self.flops_6n = model.flops_per_token(0)
+        self.flops_per_attended = model.flops_per_token(1) - self.flops_6n
         self.peak = peak_flops(self.device, t.peak_tflops) if self.dist.is_main else None
         self._stop_signal: int | None = None
         if resume:
@@ -774,7 +776,7 @@ class Trainer:
                 self.tokens_seen += batch.n_tokens
                 log_tokens += batch.n_tokens
                 log_slots += batch.n_slots  # all ranks: pad/bucket widths differ between ranks
-                log_flops += batch.n_slots * self.flops_per_token(batch.attn_len)
+                log_flops += batch.n_slots * (self.flops_6n + self.flops_per_attended * batch.attn_len)
                 log_rows += sum(mb.inputs.shape[0] for mb in batch.micro) * self.dist.world
                 step_seq_len = batch.seq_len  # the step just taken (batch becomes the next one below)
                 batch, micro, loader_state = next_batch, next_micro, next_state
