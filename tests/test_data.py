@@ -24,8 +24,8 @@ def test_byte_tokenizer_round_trip() -> None:
     for text in TEXTS:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
-        if EOT not in text:
-            assert len(ids) == len(text.encode("utf-8"))
+        assert len(ids) == len(text.encode("utf-8"))  # "<|endoftext|>" in a text is text: its bytes
+        assert tok.eot_id not in ids
 
 
 def test_bpe_round_trip_and_eot(tmp_path: Path) -> None:
@@ -33,8 +33,8 @@ def test_bpe_round_trip_and_eot(tmp_path: Path) -> None:
     assert tok.vocab_size <= 400 and tok.decode([tok.eot_id]) == EOT
     for text in TEXTS + make_docs(5, seed=9):
         assert tok.decode(tok.encode(text)) == text
-    docs = tok.encode_docs(["a b", "c"])
-    assert all(d[0] == tok.eot_id for d in docs)
+    docs = tok.encode_docs(["a b", "c", f"quoting {EOT} in a document"])
+    assert all(d[0] == tok.eot_id and tok.eot_id not in d[1:] for d in docs)  # one boundary per document
     tok.save(tmp_path / "tokenizer.json")
     again = load_tokenizer(tmp_path / "tokenizer.json")
     assert again.sha == tok.sha and again.encode("quick fox") == tok.encode("quick fox")

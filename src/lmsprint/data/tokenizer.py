@@ -28,6 +28,9 @@ class TextTokenizer:
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
+        # text that spells a special token ("<|endoftext|>" inside a document) is text, not a document boundary
+        # (a runtime setting of the tokenizer: not saved, so the tokenizer's checksum and export are unchanged)
+        tok.encode_special_tokens = True
         for name in _EOT_CANDIDATES:
             eot = tok.token_to_id(name)
             if eot is not None:
