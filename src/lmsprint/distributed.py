@@ -406,37 +406,34 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load a Distributed Checkpoint into this run's layout, whatever the world size and strategy that saved it
-    (DCP reshards: FSDP2 shards of any size, or whole tensors for one process / DDP)."""
+    (DCP reshards: FSDP2 shards of any size, or whole tensors for one process / DDP). A checkpoint saved with an
+    empty optimizer state (see :func:`save_sharded`) leaves it empty."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
-        get_state_dict,
+        get_optimizer_state_dict,
         set_model_state_dict,
-        set_state_dict,
+        set_optimizer_state_dict,
     )
 
+    unreadable = f"checkpoint {path} cannot be read ({{}}); delete it to fall back to an earlier one"
     try:
         keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e.__class__.__name__}); delete it to fall back to "
-                              "an earlier one") from None
-    with_optim = any(k.startswith("optim.") for k in keys)
-    if with_optim:
-        model_sd, optim_sd = get_state_dict(model, optimizer)  # also materialises the optimizer state to load into
-        state = {"model": model_sd, "optim": optim_sd}
-    else:  # saved before any optimizer step
-        state = {"model": get_model_state_dict(model)}
+        raise CheckpointError(unreadable.format(e.__class__.__name__)) from None
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if any(k.startswith("optim.") for k in keys):
+        state["optim"] = get_optimizer_state_dict(model, optimizer)  # also materialises the state to load into
     try:
         with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is right
             warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
             dcp.load(state, checkpoint_id=str(path), no_dist=world_size() == 1)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e.__class__.__name__}); delete it to fall back to "
-                              "an earlier one") from None
-    if with_optim:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        raise CheckpointError(unreadable.format(e.__class__.__name__)) from None
+    set_model_state_dict(model, state["model"])
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
     else:
-        set_model_state_dict(model, state["model"])
         optimizer.state.clear()
 
 
