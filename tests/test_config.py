@@ -30,9 +30,10 @@ def test_overrides_both_spellings() -> None:
 def test_cli_takes_the_spaced_spelling_without_a_corpus(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """``lmsprint train --optim.name lion``: the value is the override's, not the optional corpus argument."""
-    from lmsprint.cli import _join_override_values, main
+    from lmsprint.cli import main
+    from lmsprint.config import join_spaced_overrides
 
-    assert _join_override_values(["--optim.name", "lion", "c.txt", "--resume", "r", "--data.seq_len", "64",
+    assert join_spaced_overrides(["--optim.name", "lion", "c.txt", "--resume", "r", "--data.seq_len", "64",
                                   "--optim.lr"]) == ["--optim.name=lion", "c.txt", "--resume", "r",
                                                      "--data.seq_len=64", "--optim.lr"]
     with pytest.raises(SystemExit) as exit_:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from lmsprint.config import join_spaced_overrides
 from lmsprint.errors import ConfigError, LmsprintError
 
 
@@ -30,23 +31,6 @@ def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
 def _with_data(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     """The positional corpus argument, if given, as the --data.source override (flags after it still win)."""
     return overrides if args.data is None else [f"--data.source={args.data}", *overrides]
-
-
-def _join_override_values(argv: list[str]) -> list[str]:
-    """``--optim.name lion`` as ``--optim.name=lion``: argparse would take ``lion`` for the corpus argument."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name = arg[2:]
-        if (arg.startswith("--") and "." in name and "=" not in name and i + 1 < len(argv)
-                and not argv[i + 1].startswith("--")):
-            out.append(f"{arg}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(arg)
-            i += 1
-    return out
 
 
 def _no_overrides(command: str, overrides: list[str]) -> None:
@@ -339,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:]
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
-    args, overrides = parser.parse_known_args(_join_override_values(argv))
+    args, overrides = parser.parse_known_args(join_spaced_overrides(argv))
     args.argv = argv  # what --nproc relaunches
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "schedule": cmd_schedule,
                 "bench": cmd_bench,

@@ -462,25 +462,37 @@ def load_toml(path_or_name: str) -> dict[str, Any]:
         raise ConfigError(f"config {path}: not valid TOML ({e}); fix the file") from None
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """Turn ``["--optim.lr=1e-3", "--optim.name", "lion"]`` into ``[("optim.lr", "1e-3"), ...]``."""
-    pairs: list[tuple[str, str]] = []
+def join_spaced_overrides(args: list[str]) -> list[str]:
+    """``--optim.name lion`` as ``--optim.name=lion`` (a ``--section.key`` followed by a value); other arguments as
+    they are. The CLI does this before argparse, which would otherwise take ``lion`` for a positional argument."""
+    out: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
+        name = arg[2:]
+        if (arg.startswith("--") and "." in name and "=" not in name and i + 1 < len(args)
+                and not args[i + 1].startswith("--")):
+            out.append(f"{arg}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Turn ``["--optim.lr=1e-3", "--optim.name", "lion"]`` into ``[("optim.lr", "1e-3"), ...]``."""
+    pairs: list[tuple[str, str]] = []
+    for arg in join_spaced_overrides(args):
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                section, _, name = key.partition(".")
-                is_bool = section in SECTIONS and _hints(SECTIONS[section]).get(name) is bool
-                hint = f"--{key}=true" if is_bool else f"--{key}=VALUE"
-                raise ConfigError(f"--{key} needs a value, e.g. {hint}")
-            value = args[i + 1]
-            i += 1
+            section, _, name = key.partition(".")
+            is_bool = section in SECTIONS and _hints(SECTIONS[section]).get(name) is bool
+            hint = f"--{key}=true" if is_bool else f"--{key}=VALUE"
+            raise ConfigError(f"--{key} needs a value, e.g. {hint}")
         pairs.append((key, value))
-        i += 1
     return pairs
 
 
