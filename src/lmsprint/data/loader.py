@@ -210,14 +210,15 @@ class Loader:
         n_targets = n_tokens - int((ends == self.stream.n_tokens).sum())
         sequences = int(np.sum(-(-self.seq_len // cuts))) if cuts is not None else self.batch_rows
         lens = plan.row_lengths()
-        widths = {r: [self._width(lens[rows]) for rows in self._micro_rows(r)] for r in range(self.world)}
+        dealt = [self._micro_rows(r) for r in range(self.world)]
+        widths = {r: [self._width(lens[rows]) for rows in dealt[r]] for r in range(self.world)}
         n_slots = self.micro_rows * sum(sum(w) for w in widths.values())
         if self.strategy in ("pad", "bucket"):  # a position attends over its micro-batch's width
             attn_len = self.micro_rows * sum(w * w for ws in widths.values() for w in ws) / n_slots
         else:  # full-width rows, cut into sequences of the curriculum's length(s)
             attn_len = float(self.seq_len if cuts is None else cuts.mean())
         micro = []
-        for rows, width in zip(self._micro_rows(self.rank), widths[self.rank]):
+        for rows, width in zip(dealt[self.rank], widths[self.rank]):
             sub = plan.take(rows)
             inputs, targets, positions = _row_arrays(self.stream, sub, width, self.pad_id)
             mb = MicroBatch(torch.from_numpy(inputs), torch.from_numpy(targets))
