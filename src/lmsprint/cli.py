@@ -39,6 +39,16 @@ def _no_overrides(command: str, overrides: list[str]) -> None:
         raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint {command} --help")
 
 
+def _finite_float(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {text!r}")
+    return value
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a recipe name (see configs/) or a TOML file")
 
@@ -186,8 +196,17 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = _with_data(args, overrides)
     out = Path(args.out)
+    from lmsprint.reference import NANOGPT
+
+    reference = NANOGPT if args.reference == "nanogpt" else None
+    if args.target == "reference":
+        if reference is None:
+            raise ConfigError("--target reference needs --reference nanogpt; give a loss or auto instead")
+        target: float | None = reference.final_loss
+    else:
+        target = None if args.target == "auto" else _finite_float(args.target, "--target")
     result = bench(args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")], overrides=overrides,
-                   out_dir=out, target=None if args.target == "auto" else float(args.target), ablate=args.ablate,
+                   out_dir=out, target=target, reference=reference, ablate=args.ablate,
                    stop_at_target=args.stop_at_target)
     print(result["table"])
     print(f"\nreport: {out / 'bench.md'}, plot: {out / 'bench.png'}")
@@ -280,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="corpus (default: each recipe's data.source)")
     p.add_argument("--recipes", default="baseline,fast", help="comma-separated recipes; the first is the reference")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each recipe runs once per seed")
-    p.add_argument("--target", default="auto", help="target loss, or auto: the first recipe's mean final loss")
+    p.add_argument("--target", default="reference", help="target validation loss: reference (default: the "
+                   "reference's final loss, nanoGPT's 4.588), auto (the first recipe's mean final loss) or a number")
+    p.add_argument("--reference", choices=("nanogpt", "none"), default="nanogpt",
+                   help="external reference curve for the speed-up column and the baseline's curve check: "
+                   "nanoGPT's train.py on enwiki2015 with the shared tokenizer and validation shard (default); none "
+                   "on other data")
     p.add_argument("--ablate", help="also run this recipe with one technique removed at a time")
     p.add_argument("--stop-at-target", action="store_true", help="end non-reference runs once they reach the target")
     p.add_argument("--out", default="runs/bench", help="directory for the runs and the report")

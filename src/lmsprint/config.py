@@ -85,9 +85,10 @@ class DataConfig:
     """Where prepared shards are cached (default $LMSPRINT_CACHE or ~/.cache/lmsprint)."""
     seq_len: int = 256
     """Maximum sequence length (tokens per row); also the model's maximum position."""
-    batching: Literal["pack", "pad", "bucket", "best-fit"] = "pack"
+    batching: Literal["pack", "pad", "bucket", "best-fit", "random"] = "pack"
     """pack: concatenate documents and cut fixed rows; pad: one document per row, padded; bucket: like pad
-    with rows grouped by length; best-fit: whole documents placed into rows by best-fit decreasing."""
+    with rows grouped by length; best-fit: whole documents placed into rows by best-fit decreasing; random:
+    rows are windows of the concatenated stream at random offsets, drawn with replacement (nanoGPT)."""
     doc_mask: bool = False
     """With pack: tokens attend only within their own document and positions restart at each document."""
     pad_multiple: int = 64
@@ -568,8 +569,8 @@ def validate(cfg: RunConfig) -> None:
     if d.seq_schedule != "none" or d.short_mix > 0:
         _check(0 < d.seq_start <= d.seq_len and d.seq_len % d.seq_start == 0,
                f"--data.seq_start must divide --data.seq_len={d.seq_len}, got {d.seq_start}")
-        _check(d.batching in ("pack", "best-fit"),
-               f"--data.seq_schedule needs --data.batching=pack or best-fit, got {d.batching}")
+        _check(d.batching in ("pack", "best-fit", "random"),
+               f"--data.seq_schedule needs --data.batching=pack, best-fit or random, got {d.batching}")
     if d.seq_schedule in ("linear", "stages"):
         _check(0.0 < d.seq_warmup <= 1.0, f"--data.seq_warmup must be in (0, 1], got {d.seq_warmup}")
     if d.seq_schedule == "linear":
@@ -584,8 +585,8 @@ def validate(cfg: RunConfig) -> None:
                f"--data.seq_milestones has {len(d.seq_milestones)} milestones but {d.seq_start} -> {d.seq_len} "
                f"needs {doublings} doublings; give {doublings} token counts")
     if d.doc_mask:
-        _check(d.batching in ("pack", "best-fit"), "--data.doc_mask applies to pack/best-fit rows; pad and "
-               "bucket rows hold one document already")
+        _check(d.batching in ("pack", "best-fit", "random"), "--data.doc_mask applies to pack/best-fit/random rows; "
+               "pad and bucket rows hold one document already")
 
     from lmsprint.optim import OPTIMIZERS, check_weight_decay_config
 
