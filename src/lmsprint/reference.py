@@ -25,8 +25,12 @@ class Reference:
         return self.curve[max(self.curve)][0]
 
     def time_to(self, target: float) -> float | None:
-        """Training seconds at which the curve first reaches ``target`` (linear between evaluations), or None."""
+        """Training seconds at which the curve first reaches ``target`` (linear between evaluations), or None.
+
+        The run reaches its own ``final_loss`` at its end by definition (the last point is that loss up to rounding:
+        nanoGPT's 4.5882 is the target 4.588)."""
         points = sorted(self.curve.values())
+        points[-1] = (points[-1][0], min(points[-1][1], self.final_loss))
         for (t0, l0), (t1, l1) in zip([(0.0, float("inf")), *points], points):
             if l1 <= target:
                 return t1 if l0 == float("inf") else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
