@@ -401,9 +401,10 @@ def report_optim(state: dict, png_dir: Path) -> str:
     target = statistics.fmean(finals["adamw"])  # AdamW's mean final loss at its best setting
     common = max(statistics.fmean(v) for v in finals.values())  # every optimizer's mean reaches it
     lines += [f"Each optimizer at its best setting, seeds 0, 1, 2 (mean ± sd). Target **B = {target:.4f}**: AdamW's "
-              f"mean final loss at its best setting (AdamW's own row: its whole run); target **A = {common:.4f}**: the highest of the optimizers' "
-              "mean final losses. Times are training time (evaluation and compilation excluded), interpolated "
-              "between evaluations every 30 steps; '-' where not every seed reached the target.", "",
+              f"mean final loss at its best setting (AdamW's own row: its whole run); target **A = {common:.4f}**: "
+              "the highest of the optimizers' mean final losses. Times are training time (evaluation and "
+              "compilation excluded), interpolated between evaluations every 30 steps; '-' where not every seed "
+              "reached the target.", "",
               "| optimizer | best peak lr | best warm-up | seeds | final val loss | tokens to A (M) | time to A (s) | "
               "tokens to B (M) | time to B (s) | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
