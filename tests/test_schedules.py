@@ -144,8 +144,8 @@ def test_wsd_matches_sequential_lr(decay_shape: str):
         milestones=[warmup, total - cooldown],
     )
     opt = _sgd(peak)
-    cfg = ScheduleConfig(name="wsd", warmup_steps=warmup, min_lr_ratio=ratio, decay_fraction=decay_fraction,
-                         decay_shape=decay_shape)  # type: ignore[arg-type]
+    cfg = ScheduleConfig(name="wsd", warmup_steps=warmup, start_factor=0.1, min_lr_ratio=ratio,
+                         decay_fraction=decay_fraction, decay_shape=decay_shape)  # type: ignore[arg-type]
     sched = build_schedule(opt, cfg, total_steps=total, peak_lr=peak)
     _assert_close(_lrs(opt, sched, total), _lrs(ref_opt, ref, total))
 
@@ -390,7 +390,7 @@ def test_wsd_whole_run_cooldown_is_allowed_without_warmup():
 
 def test_schedule_report_table_and_png(tmp_path: Path):
     png = tmp_path / "plots" / "lr.png"
-    cfg = ScheduleConfig(warmup_steps=10, min_lr=1e-4)
+    cfg = ScheduleConfig(warmup_steps=10, start_factor=0.1, min_lr=1e-4)
     text = schedule_report(cfg, peak_lr=1e-2, total_steps=100, at_steps=[0, 10, 55, 100, 150], png=png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = text.splitlines()
@@ -428,7 +428,8 @@ def test_cli_schedule_prints_and_draws(tmp_path: Path) -> None:
     from conftest import run_cli
 
     proc = run_cli("schedule", "--train.steps=100", "--optim.lr=1e-2", "--schedule.warmup_steps=10",
-                   "--schedule.min_lr=1e-4", "--at", "0,10,100", "--compare", cwd=tmp_path)
+                   "--schedule.start_factor=0.1", "--schedule.min_lr=1e-4", "--at", "0,10,100", "--compare",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "schedule.png").stat().st_size > 0
     for shape in ("cosine", "sqrt", "linear"):
@@ -436,3 +437,17 @@ def test_cli_schedule_prints_and_draws(tmp_path: Path) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.split()[:1] and
             line.split()[0].isdigit()}
     assert rows["0"][0] == "1.0000e-03" and rows["10"][0] == "1.0000e-02" and rows["100"][0] == "1.0000e-04"
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(1, 0), (10, 2), (300, 60), (500, 100), (1000, 200), (2000, 200),
+                                               (10000, 200), (20000, 400), (100000, 2000)])
+def test_default_warmup_rule(total: int, warmup: int) -> None:
+    """A run that sets no warm-up warms up over 20% of the run, at most max(2%, 200 steps) (docs/schedules.md's
+    measurements), with nanoGPT's shape lr (it+1)/(W+1); an explicit fraction or length still wins."""
+    s = resolve_schedule(ScheduleConfig(), total_steps=total, peak_lr=1.0)
+    assert s.warmup == warmup and s.start_factor == pytest.approx(1 / (warmup + 1))
+    if warmup:
+        assert [s(i) for i in (0, warmup - 1, warmup)] == pytest.approx([1 / (warmup + 1), warmup / (warmup + 1), 1])
+    assert resolve_schedule(ScheduleConfig(warmup_fraction=0.01), total_steps=total, peak_lr=1.0).warmup == \
+        round(0.01 * total)
+    assert resolve_schedule(ScheduleConfig(warmup_steps=0), total_steps=total, peak_lr=1.0).warmup == 0

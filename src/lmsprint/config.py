@@ -171,10 +171,11 @@ class ScheduleConfig:
     """Decay shape after warm-up; wsd is warmup-stable-decay with a cool-down of decay_fraction."""
     warmup_steps: int | None = None
     """Warm-up length in optimizer steps (overrides warmup_fraction)."""
-    warmup_fraction: float = 0.01
-    """Warm-up length as a fraction of the run (typical 0.001-0.02)."""
-    start_factor: float = 0.1
-    """Warm-up starts at start_factor x peak lr."""
+    warmup_fraction: float | None = None
+    """Warm-up length as a fraction of the run. Default (neither set): 20% of the run, but at most the larger of 2%
+    and 200 steps, the rule measured for AdamW (docs/schedules.md)."""
+    start_factor: float | None = None
+    """Warm-up starts at start_factor x peak lr. Default: 1/(warm-up steps + 1), nanoGPT's lr (it+1)/(W+1)."""
     min_lr: float | None = None
     """Absolute lr floor reached at the last step (overrides min_lr_ratio)."""
     min_lr_ratio: float = 0.1
@@ -604,8 +605,10 @@ def validate(cfg: RunConfig) -> None:
 
     _check(s.warmup_steps is None or s.warmup_steps >= 0, f"--schedule.warmup_steps must be >= 0, got "
            f"{s.warmup_steps}")
-    _check(0.0 <= s.warmup_fraction < 1.0, f"--schedule.warmup_fraction must be in [0, 1), got {s.warmup_fraction}")
-    _check(0.0 < s.start_factor <= 1.0, f"--schedule.start_factor must be in (0, 1], got {s.start_factor}")
+    _check(s.warmup_fraction is None or 0.0 <= s.warmup_fraction < 1.0,
+           f"--schedule.warmup_fraction must be in [0, 1), got {s.warmup_fraction}")
+    _check(s.start_factor is None or 0.0 < s.start_factor <= 1.0,
+           f"--schedule.start_factor must be in (0, 1], got {s.start_factor}")
     _check(0.0 <= s.min_lr_ratio <= 1.0, f"--schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     _check(s.min_lr is None or 0 <= s.min_lr <= o.lr,
            f"--schedule.min_lr={s.min_lr} must be between 0 and the peak --optim.lr={o.lr}")
