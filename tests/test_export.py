@@ -153,10 +153,11 @@ def test_cached_logits_equal_full_logits(exports: dict[str, Path], variant: str)
         full = hf(idx).logits
         first = hf(idx[:, :12], use_cache=True)
         name = "cache" if "cache" in first else "past_key_values"  # transformers 5 / 4
-        steps = [first.logits]
+        steps, cache = [first.logits], first[name]
         for t in range(12, 20):
-            step = hf(idx[:, t : t + 1], use_cache=True, **{name: first[name]})
+            step = hf(idx[:, t : t + 1], use_cache=True, **{name: cache})
             steps.append(step.logits)
+            cache = step[name]  # the same object, or (older transformers' Llama, GPT-2) a new tuple
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
