@@ -171,12 +171,11 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmsprint.export import export
+    from lmsprint.export import export, how_to_load
 
     _no_overrides("export", overrides)
     out = export(args.run, args.out)
-    print(f"exported to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
-          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    print(f"exported to {out}; load it with {how_to_load(out)}")
     return 0
 
 
@@ -282,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers model",
                        description="Write the newest valid checkpoint of a run as a transformers model directory "
-                       "(Llama for rope+rmsnorm+swiglu models, GPT-2 for learned+layernorm+gelu), with its tokenizer.")
+                       "with its tokenizer: Llama for rope+rmsnorm+swiglu models, GPT-2 for learned+layernorm+gelu, "
+                       "any other model with lmsprint's modeling file (load it with trust_remote_code=True).")
     p.add_argument("run", metavar="RUN_DIR", help="run directory or checkpoint directory")
     p.add_argument("out", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
 
