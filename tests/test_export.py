@@ -343,8 +343,9 @@ def test_cli_export_of_an_unimplemented_option_is_one_line_exit_2(tmp_path: Path
 @pytest.mark.parametrize(("variant", "remote"), [("gpt2", False), ("fast", True)])
 def test_cli_export(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, variant: str,
                     remote: bool) -> None:
+    out = ["--out", str(tmp_path / "hf")] if remote else [str(tmp_path / "hf")]  # both spellings
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(runs[variant]), str(tmp_path / "hf")])
+        main(["export", str(runs[variant]), *out])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "from_pretrained" in printed and ("trust_remote_code=True" in printed) == remote
@@ -352,3 +353,11 @@ def test_cli_export(runs: dict[str, Path], tmp_path: Path, capsys: pytest.Captur
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json"} <= names
     assert (MODELING_FILE in names) == remote
+
+
+def test_cli_export_needs_one_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for extra in ([], [str(tmp_path / "a"), "--out", str(tmp_path / "b")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(tmp_path), *extra])
+        assert exit_info.value.code == 2
+        assert "lmsprint export RUN --out DIR" in capsys.readouterr().err

@@ -174,7 +174,9 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.export import export, how_to_load
 
     _no_overrides("export", overrides)
-    out = export(args.run, args.out)
+    if (args.out is None) == (args.out_pos is None):
+        raise ConfigError("lmsprint export needs one output directory: lmsprint export RUN --out DIR")
+    out = export(args.run, args.out or args.out_pos)
     print(f"exported to {out}; load it with {how_to_load(out)}")
     return 0
 
@@ -284,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with its tokenizer: Llama for rope+rmsnorm+swiglu models, GPT-2 for learned+layernorm+gelu, "
                        "any other model with lmsprint's modeling file (load it with trust_remote_code=True).")
     p.add_argument("run", metavar="RUN_DIR", help="run directory or checkpoint directory")
-    p.add_argument("out", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("out_pos", nargs="?", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--out", help="output directory, as OUT_DIR")
 
     p = sub.add_parser("compare", help="compare runs: loss curves and time/tokens to a target loss",
                        description="Draw the runs' training and validation loss against steps, tokens and training "
