@@ -24,7 +24,8 @@ from conftest import make_docs
 from torch import nn
 
 from lmsprint import distributed as D
-from lmsprint.config import build_config
+from lmsprint.config import DataConfig, build_config
+from lmsprint.training.checkpointer import load_sharded, save_sharded
 from lmsprint.training.metrics import read_metrics
 from lmsprint.training.trainer import resume_config, train
 
@@ -257,7 +258,8 @@ def test_ranks_read_disjoint_rows_with_one_shared_state(tmp_path: Path) -> None:
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(40)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMSPRINT_CACHE", str(tmp_path / "cache"))
-        stream = TokenStream(prepared_data(str(corpus), tokenizer="byte", val_fraction=0.1, progress=False).train)
+        data = prepared_data(DataConfig(str(corpus), tokenizer="byte", val_fraction=0.1), progress=False)
+        stream = TokenStream(data.train)
     kw = dict(strategy="pack", seq_len=16, batch_rows=8, micro_rows=2, seed=3)
     one = Loader(stream, rank=0, world=1, **kw)
     ranks = [Loader(stream, rank=r, world=2, **kw) for r in range(2)]
@@ -360,11 +362,11 @@ def test_sharded_checkpoint_of_an_empty_optimizer_state_stays_empty(tmp_path: Pa
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    D.save_sharded(model, opt, tmp_path / "dcp")
+    save_sharded(model, opt, tmp_path / "dcp")
     assert not opt.state
     other = nn.Linear(4, 4)
     opt2 = torch.optim.AdamW(other.parameters(), lr=1e-2)
     other(torch.randn(2, 4)).sum().backward()
     opt2.step()
-    D.load_sharded(other, opt2, tmp_path / "dcp")
+    load_sharded(other, opt2, tmp_path / "dcp")
     assert not opt2.state and torch.equal(other.weight, model.weight)

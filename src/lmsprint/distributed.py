@@ -1,5 +1,5 @@
 """torch.distributed plumbing: process-group setup from torchrun's environment, DDP/FSDP2 wrapping, the
-collectives the optimizers and the trainer need, and sharded (Distributed Checkpoint) save/load.
+collectives the optimizers and the trainer need. (Sharded checkpoints: ``training/checkpointer.py``.)
 
 Every function works in a single process too (world size 1, no process group), so the trainer has one code path.
 See ``docs/distributed.md``.
@@ -10,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lmsprint.errors import CheckpointError, ConfigError
+from lmsprint.errors import ConfigError
 
 # NVLink multicast stays off on the shared GPU hosts (a program using it can take the host's GPUs out of service):
 # NCCL's NVLink SHARP (NVLS) collectives, symmetric-memory multicast and NVSHMEM's NVLS
@@ -93,6 +91,12 @@ def world_size() -> int:
 
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun), known before any process group
+    exists and after it is gone: the CLI and the run directory's cleanup act on rank 0 only."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def barrier() -> None:
@@ -383,113 +387,3 @@ def map_matrices(fn: Callable[[Tensor], Tensor], inputs: Sequence[Tensor], like:
         out.append(chunks[w][offsets[w] : offsets[w] + n].view(inputs[i].shape))
         offsets[w] += n
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints of sharded (FSDP2) runs: torch.distributed.checkpoint
-
-
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Every rank writes its shards of the model and optimizer state (Distributed Checkpoint) under ``path``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer.state:  # an empty state would be materialised by a zero-lr optimizer step (DCP's _init_optim_state)
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    try:
-        dcp.save(state, checkpoint_id=str(path))
-    except Exception as e:  # raised on every rank (DCP gathers the write results)
-        raise CheckpointError(f"could not write the sharded checkpoint {path} ({e.__class__.__name__}: {e}); check "
-                              "free space and that every node sees the run directory") from None
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Load a Distributed Checkpoint into this run's layout, whatever the world size and strategy that saved it
-    (DCP reshards: FSDP2 shards of any size, or whole tensors for one process / DDP). A checkpoint saved with an
-    empty optimizer state (see :func:`save_sharded`) leaves it empty."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    unreadable = f"checkpoint {path} cannot be read ({{}}); delete it to fall back to an earlier one"
-    try:
-        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(unreadable.format(e.__class__.__name__)) from None
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if any(k.startswith("optim.") for k in keys):
-        state["optim"] = get_optimizer_state_dict(model, optimizer)  # also materialises the state to load into
-    try:
-        with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is right
-            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-            dcp.load(state, checkpoint_id=str(path), no_dist=world_size() == 1)
-    except Exception as e:
-        raise CheckpointError(unreadable.format(e.__class__.__name__)) from None
-    set_model_state_dict(model, state["model"])
-    if "optim" in state:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    else:
-        optimizer.state.clear()
-
-
-def full_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """The whole model state on rank 0's CPU (an empty dict on the other ranks); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the lazily built optimizer state with one step on zero gradients at lr 0 (as DCP's state_dict does)."""
-    if optimizer.state:
-        return
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-
-
-def load_full(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict[str, Tensor],
-              optim_state: dict[str, Any] | None) -> None:
-    """Load whole tensors (a one-copy checkpoint, present on every rank) into a sharded model and its optimizer.
-
-    ``weights`` may leave out tied parameters; ``optim_state`` is ``optimizer.state_dict()`` of an optimizer built
-    the same way on the unsharded model. Each rank keeps its rows; state that this rank's optimizer keeps whole
-    (SOAP's) stays whole.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import distribute_tensor
-
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    if optimizer is None or optim_state is None:
-        return
-    _materialize_optimizer_state(optimizer)
-    saved_ids = [pid for g in optim_state["param_groups"] for pid in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state: dict[Any, Any] = {}
-    for pid, p in zip(saved_ids, params):
-        if pid not in optim_state["state"]:
-            continue
-        entry = dict(optim_state["state"][pid])
-        for key, value in entry.items():
-            template = optimizer.state[p].get(key)
-            if isinstance(value, Tensor) and is_dtensor(template):
-                value = value.to(template.device, template.dtype)
-                try:  # every rank holds the whole value: no communication needed
-                    entry[key] = distribute_tensor(value, template.device_mesh, template.placements,
-                                                   src_data_rank=None)
-                except TypeError:  # torch < 2.6
-                    entry[key] = distribute_tensor(value, template.device_mesh, template.placements)
-        state[pid] = entry
-    optimizer.load_state_dict({"state": state, "param_groups": optim_state["param_groups"]})

@@ -282,10 +282,7 @@ def restarts(cfg: RunConfig, *, n: int, keep: int = 1, probe_steps: int | None =
     if gpu_ids:  # prepare the data once here: parallel first runs would race to fill the same cache entry
         from lmsprint.data.prepare import prepared_data
 
-        d = cfg.data
-        prepared_data(d.source, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_source=d.val_source,
-                      val_fraction=d.val_fraction, text_docs=d.text_docs, cache_dir=d.cache_dir, workers=d.workers,
-                      progress=cfg.log.progress)
+        prepared_data(cfg.data, progress=cfg.log.progress)
     log(f"restarts: {n} seeds from {cfg.train.seed}, probe {probe} of {total} steps, keep {keep}"
         f"{', successive halving' if halving else ''}, "
         + (f"GPUs {','.join(map(str, gpu_ids))} in parallel" if gpu_ids else "one after another in this process"))
