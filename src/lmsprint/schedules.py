@@ -273,6 +273,13 @@ class LRSchedule(LRScheduler):
         """The step: ``{"last_epoch": n}``."""
         return {"last_epoch": self.last_epoch}
 
+    def rescale(self, factor: float) -> None:
+        """Scale every group's peak lr by ``factor`` and set the lr of the current step for it."""
+        if factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] *= factor
+            self.load_state_dict(self.state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Jump to the saved step and set every group's lr for it."""
         self.last_epoch = int(state_dict["last_epoch"])

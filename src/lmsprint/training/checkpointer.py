@@ -7,6 +7,7 @@ Resume and rollback both go through :meth:`Checkpointer.load`; a rollback loads 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import asdict
@@ -48,6 +49,9 @@ class Checkpointer:
                  warn: Callable[[str], None]) -> None:
         self.root, self.model, self.optimizer, self.states, self.info = root, model, optimizer, states, info
         self.model_config, self.keep, self.sharded, self.is_main, self.warn = model_config, keep, sharded, is_main, warn
+        # the start of the run: a checkpoint never written (the weights are made again when needed)
+        self.initial = copy.deepcopy({"optimizer": optimizer.state_dict(),
+                                      **{name: obj.state_dict() for name, obj in states.items() if obj is not None}})
 
     def save(self, step: int, *, protect_step: int | None = None) -> Path | None:
         """Checkpoint ``step`` (rank 0 writes; every rank waits for it); returns its directory on rank 0.
@@ -79,6 +83,21 @@ class Checkpointer:
         found = D.broadcast_object(None if path is None else str(path))
         return None if found is None else Path(str(found))
 
+    def resume(self) -> Path | None:
+        """Load the newest valid checkpoint (every part); None when the run has none yet (it starts over).
+
+        Raises:
+            CheckpointError: every checkpoint fails its checksums.
+        """
+        path = self.latest()
+        if path is None and ckpt.list_checkpoints(self.root):
+            raise CheckpointError(f"no valid checkpoint in {self.root} to resume from (every one fails its "
+                                  f"checksum); delete {self.root} to train this run again from step 0, or "
+                                  "start a new run")
+        if path is not None:
+            self.load(path)
+        return path
+
     def load(self, path: Path, *, parts: Collection[str] | None = None) -> dict[str, Any]:
         """Load the model, the optimizer and the ``parts`` of ``states`` (all by default) from a checkpoint.
 
@@ -97,6 +116,19 @@ class Checkpointer:
             if self.states[name] is not None and state[name] is not None:
                 self.states[name].load_state_dict(state[name])
         return state
+
+    def load_initial(self, weights: dict[str, Tensor], *, parts: Collection[str]) -> dict[str, Any]:
+        """Back to the start of the run: ``weights`` (the initial ones), the optimizer as built (no state, the
+        groups' first hyperparameters) and ``parts`` of ``states`` as they were when the checkpointer was made.
+
+        Returns:
+            The initial state of every part, as :meth:`load` returns a checkpoint's.
+        """
+        self.load_weights(weights, None)
+        self.optimizer.load_state_dict(copy.deepcopy(self.initial["optimizer"]))  # no state: nothing to shard
+        for name in parts:
+            self.states[name].load_state_dict(copy.deepcopy(self.initial[name]))
+        return copy.deepcopy(self.initial)
 
     def load_weights(self, weights: dict[str, Tensor], optim_state: dict[str, Any] | None) -> None:
         """Whole weights (as :func:`~lmsprint.training.checkpoint.model_state` saves them) and optionally an

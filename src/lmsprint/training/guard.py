@@ -62,10 +62,9 @@ class Guard:
         self.rollbacks += 1
         self.bad_in_row = self.overflows_in_row = 0
 
-    def load_average(self, state: dict | None) -> None:
-        """After a rollback: the loss moving average of the checkpoint's ``state`` (None: none, as at the start);
-        the counters of the run so far stay."""
-        self.ema, self.seen = (state["ema"], state["seen"]) if state is not None else (None, 0)
+    def load_average(self, state: dict) -> None:
+        """After a rollback: the loss moving average of a saved ``state``; the counters of the run so far stay."""
+        self.ema, self.seen = state["ema"], state["seen"]
 
     def state_dict(self) -> dict[str, float | int | None]:
         return {"bad_in_row": self.bad_in_row, "bad_total": self.bad_total, "spikes": self.spikes,

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,6 +162,15 @@ class MetricsWindow:
             out["mfu"] = self.flops / dt / self.world / self.peak  # per GPU, against its peak
         self.reset()
         return out
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process (0 without importing Dynamo when nothing was compiled)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def measure_peak_flops(device: torch.device, *, n: int = 8192, iters: int = 10) -> float:

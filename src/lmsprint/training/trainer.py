@@ -9,69 +9,34 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lmsprint import distributed as D
 from lmsprint.config import RunConfig, validate
 from lmsprint.data.batching import TokenStream
 from lmsprint.data.loader import StepBatch
-from lmsprint.errors import CheckpointError, LmsprintError
-from lmsprint.model import GPT, IGNORE_INDEX, GPTConfig, resolve_model_config
+from lmsprint.model import GPT, GPTConfig, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
 from lmsprint.schedules import build_schedule
 from lmsprint.training import batches as B
 from lmsprint.training import checkpoint as ckpt
+from lmsprint.training.api import Callback, TrainingDiverged, TrainResult
 from lmsprint.training.checkpointer import Checkpointer
 from lmsprint.training.guard import Guard
 from lmsprint.training.memory import GPUOutOfMemory, is_out_of_memory, out_of_memory_error
-from lmsprint.training.metrics import MetricsLog, MetricsWindow, Stopwatch, peak_flops
-from lmsprint.training.precision import autocast, resolve_precision
+from lmsprint.training.metrics import MetricsWindow, Stopwatch, graphs_compiled, peak_flops
+from lmsprint.training.precision import resolve_precision
+from lmsprint.training.report import Report, main_lr
 from lmsprint.training.rundir import FreshRunDir, new_run_dir, open_data, prepare_run_dir, resume_config, write_config
 from lmsprint.training.signals import StopSignal
 from lmsprint.training.state import RNGState, TrainState
-
-
-class TrainingDiverged(LmsprintError):
-    """The guard rolled back more often than allowed."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    train_loss: float | None
-    val_loss: float | None
-    interrupted: bool = False
-    skipped_steps: int = 0
-    rollbacks: int = 0
-    train_time: float = 0.0
-    compile_time: float = 0.0
-    val_history: list[tuple[int, float]] = field(default_factory=list)
-    stop_signal: int | None = None
-    """The signal (SIGINT, SIGTERM) that stopped the run early, if one did."""
-
-
-class Callback:
-    """Hooks for tests and experiments; the defaults do nothing."""
-
-    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """Called with each micro-step's loss before backward; may return a different loss."""
-        return loss
-
-    def on_grads(self, step: int, model: torch.nn.Module) -> None:
-        """Called after the backward passes of a step, before clipping and the update."""
-
-    def on_eval(self, step: int, val_loss: float) -> bool:
-        """Called after each evaluation; return True to end the run there (it is checkpointed)."""
-        return False
+from lmsprint.training.step import clip_gradients, evaluate_loss, forward_backward
 
 
 def build_model(config: GPTConfig, *, device: torch.device, seed: int, precision: str) -> GPT:
@@ -82,15 +47,6 @@ def build_model(config: GPTConfig, *, device: torch.device, seed: int, precision
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
     return model
-
-
-def _graphs_compiled() -> int:
-    """Graphs torch.compile has made in this process (0 without importing Dynamo when nothing was compiled)."""
-    if "torch._dynamo" not in sys.modules:
-        return 0
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 class Trainer:
@@ -111,8 +67,8 @@ class Trainer:
         self.run_dir = Path(str(D.broadcast_object(str(run_dir))))  # ranks may have stamped different auto names
         self.ckpt_root = self.run_dir / "checkpoints"
         prepare_run_dir(cfg, self.run_dir, resume=resume, is_main=is_main)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", tensorboard=cfg.log.tensorboard) if is_main else None
-        self.precision = resolve_precision(t.precision, self.device, self.log_line)
+        self.report = Report(self.run_dir, cfg.log, is_main=is_main)
+        self.precision = resolve_precision(t.precision, self.device, self.report.line)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left
             torch.backends.cudnn.allow_tf32 = True
@@ -135,7 +91,7 @@ class Trainer:
             # kernels still come from Inductor's on-disk cache).
             torch._dynamo.reset()
             model.compile_blocks()  # per-block compile before DDP/FSDP wrapping (torchtitan's order)
-        self._graphs_before = _graphs_compiled()  # the summary counts this run's graphs
+        self._graphs_before = graphs_compiled()  # the summary counts this run's graphs
         # FSDP2 + bf16: bf16 all-gathered weights, fp32 gradient reduction and no autocast (see D.mixed_precision)
         param_dtype, self.amp = D.mixed_precision(cfg.dist.strategy, self.precision, world)
         self.wrapped = D.wrap_model(model, cfg.dist.strategy, self.dist, param_dtype=param_dtype)
@@ -175,7 +131,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.ckpt_root, model=model, optimizer=self.optimizer, states=states,
                                          info={"config": cfg.to_dict()}, model_config=self.gpt_config,
                                          keep=t.keep_checkpoints, sharded=self.sharded, is_main=is_main,
-                                         warn=self.log_line)
+                                         warn=self.report.line)
         if resume:
             self._resume()
             if is_main:
@@ -183,15 +139,6 @@ class Trainer:
 
     def build_model(self) -> GPT:
         return build_model(self.gpt_config, device=self.device, seed=self.cfg.train.seed, precision=self.precision)
-
-    def log_line(self, message: str) -> None:
-        if self.dist.is_main:
-            tqdm.write(message)
-
-    def event(self, kind: str, **values: object) -> None:
-        """A metrics record (rank 0)."""
-        if self.metrics:
-            self.metrics.write(kind, **values)
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints: save, resume, roll back
@@ -208,29 +155,17 @@ class Trainer:
             for group, wd in zip(self.optimizer.param_groups, self.horizon_wd):
                 group["weight_decay"] = wd / self.state.lr_scale
 
-    def _rescale_lr(self, factor: float) -> None:
-        if factor != 1.0:
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] *= factor
-            self.scheduler.load_state_dict(self.scheduler.state_dict())  # re-applies the lr of the current step
-
     def _resume(self) -> None:
-        path = self.checkpointer.latest()
-        if path is None and not ckpt.list_checkpoints(self.ckpt_root):
-            # stopped before its first checkpoint: nothing was kept, so the run starts again, exactly as it began
-            self.log_line(f"no checkpoint in {self.ckpt_root} yet; training from step 0")
-            self.event("event", event="resume", step=0, checkpoint="")
-            return
+        path = self.checkpointer.resume()
         if path is None:
-            raise CheckpointError(f"no valid checkpoint in {self.ckpt_root} to resume from (every one fails its "
-                                  f"checksum); delete {self.ckpt_root} to train this run again from step 0, or "
-                                  "start a new run")
-        self.checkpointer.load(path)
+            # stopped before its first checkpoint: nothing was kept, so the run starts again, exactly as it began
+            self.report.line(f"no checkpoint in {self.ckpt_root} yet; training from step 0")
+            self.report.event("event", event="resume", step=0, checkpoint="")
+            return
         self._apply_horizon_wd()
-        if self.metrics:
-            self.metrics.replay_from(self.state.step + 1)
-        self.log_line(f"resumed from {path} at step {self.state.step}")
-        self.event("event", event="resume", step=self.state.step, checkpoint=str(path))
+        self.report.replay_from(self.state.step + 1)
+        self.report.line(f"resumed from {path} at step {self.state.step}")
+        self.report.event("event", event="resume", step=self.state.step, checkpoint=str(path))
 
     def _rollback(self) -> None:
         """Back to the newest checkpoint whose weights passed the guard (or to the initial weights), with the lr
@@ -247,17 +182,11 @@ class Trainer:
         path = self.checkpointer.latest(max_step=st.good_step)
         if path is not None:
             saved = self.checkpointer.load(path, parts=("scheduler", "scaler", "loader"))
-            factor = st.lr_scale / float(saved["trainer"]["lr_scale"])  # the restored peaks, at the new scale
-        else:  # nothing saved yet: back to the initial state
-            self.checkpointer.load_weights(ckpt.model_state(self.build_model()), None)
-            self.optimizer.state.clear()
-            self.scheduler.load_state_dict({"last_epoch": 0})
-            self.batches.load_state_dict({"epoch": 0, "pos": 0, "seed": self.loader.seed})
-            # the moving average describes the trained model: judged against it, the initial loss is a "spike"
-            saved = {"trainer": {"step": 0, "tokens_seen": 0, "val_history": []}, "guard": None}
-            factor = g.rollback_lr_factor  # the groups' peaks were not reloaded: they are at the previous scale
+        else:  # nothing saved yet: back to the start (the moving average too: the initial loss is no "spike")
+            initial = ckpt.model_state(self.build_model())
+            saved = self.checkpointer.load_initial(initial, parts=("scheduler", "loader"))
         st.rollback_to(saved["trainer"])
-        self._rescale_lr(factor)
+        self.scheduler.rescale(st.lr_scale / float(saved["trainer"]["lr_scale"]))  # the restored peaks, rescaled
         self.guard.load_average(saved["guard"])
         self._apply_horizon_wd()
         st.good_step = st.step  # newer checkpoints belong to the abandoned attempt
@@ -266,12 +195,12 @@ class Trainer:
         # persist the rollback (lr scale, counters, data seed); saving replaces step_S and deletes the abandoned
         # attempt's newer checkpoints, which a resume after a crash would otherwise pick up
         self.save()
-        if self.metrics:
-            self.metrics.replay_from(st.step + 1)
-        self.log_line(f"{reason}: rollback #{self.guard.rollbacks} to step {st.step} ({path or 'initial weights'}); "
-                      f"lr scale {st.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
-        self.event("event", event="rollback", step=st.step, checkpoint=str(path or ""), lr_scale=st.lr_scale,
-                   rollbacks=self.guard.rollbacks, reason=reason, data_seed=self.loader.seed)
+        self.report.replay_from(st.step + 1)
+        where = path or "initial weights"
+        self.report.line(f"{reason}: rollback #{self.guard.rollbacks} to step {st.step} ({where}); lr scale "
+                         f"{st.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
+        self.report.event("event", event="rollback", step=st.step, checkpoint=str(path or ""), lr_scale=st.lr_scale,
+                          rollbacks=self.guard.rollbacks, reason=reason, data_seed=self.loader.seed)
 
     # ------------------------------------------------------------------------------------------------------
     # steps
@@ -282,32 +211,17 @@ class Trainer:
 
     def _forward_backward(self, batch: StepBatch) -> torch.Tensor:
         """Backward passes of every micro-batch; returns this rank's share of the step's mean loss."""
-        scale = self.dist.world / max(batch.n_targets, 1)  # DDP averages gradients over ranks
-        total = torch.zeros((), device=self.device)
-        n = len(batch.micro)
-        for i, mb in enumerate(batch.micro):
-            with D.no_grad_sync(self.wrapped, self.cfg.dist.strategy, enabled=i < n - 1):
-                with autocast(self.amp, self.device):
-                    loss_sum = self.wrapped(mb.inputs, mb.targets, pos=mb.pos, doc_ids=mb.doc_ids, reduction="sum")
-                loss = loss_sum.float() * scale
-                for cb in self.callbacks:
-                    loss = cb.on_loss(self.state.step, loss)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                total += loss.detach()
-        return total / self.dist.world
+        return forward_backward(self.wrapped, batch, strategy=self.cfg.dist.strategy, amp=self.amp,
+                                device=self.device, scaler=self.scaler, on_loss=self._on_loss)
+
+    def _on_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        for cb in self.callbacks:
+            loss = cb.on_loss(self.state.step, loss)
+        return loss
 
     def _clip(self) -> torch.Tensor:
-        """Clip (by norm and/or by value) and return the global gradient norm before clipping."""
         t = self.cfg.train
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, t.clip_norm if t.clip_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        if t.clip_value > 0:
-            torch.nn.utils.clip_grad_value_(params, t.clip_value)
-        return norm
+        return clip_gradients(self.model, self.optimizer, self.scaler, clip_norm=t.clip_norm, clip_value=t.clip_value)
 
     def _host_stats(self, loss: torch.Tensor, norm: torch.Tensor, log_now: bool) -> tuple[float, float, float]:
         """(loss, pre-clip norm, ranks signalled to stop), all-reduced and on the host when the guard or the log
@@ -340,13 +254,13 @@ class Trainer:
                 self.scaler.step(self.optimizer)  # skips the update if the unscaled gradients overflowed
                 self.scaler.update()
                 if (self.cfg.guard.enabled or log_now) and not math.isfinite(norm_value):
-                    self.event("event", event="overflow", step=step, loss_scale=self.scaler.get_scale())
+                    self.report.event("event", event="overflow", step=step, loss_scale=self.scaler.get_scale())
             else:
                 self.optimizer.step()
         else:
-            self.log_line(f"step {step}: non-finite loss/grad norm ({loss_value:.4g}/{norm_value:.4g}); "
-                          "update skipped")
-            self.event("event", event="skip", step=step, loss=loss_value, grad_norm=norm_value)
+            self.report.line(f"step {step}: non-finite loss/grad norm ({loss_value:.4g}/{norm_value:.4g}); "
+                             "update skipped")
+            self.report.event("event", event="skip", step=step, loss=loss_value, grad_norm=norm_value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
@@ -355,17 +269,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation tokens (all ranks)."""
-        self.wrapped.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        with torch.no_grad():
-            for mb in self.eval_set:
-                with autocast(self.amp, self.device):
-                    loss = self.wrapped(mb.inputs, mb.targets, pos=mb.pos, doc_ids=mb.doc_ids, reduction="sum")
-                total[0] += loss.double()
-                total[1] += (mb.targets != IGNORE_INDEX).sum()
-        D.all_reduce_sum(total)
-        self.wrapped.train()
-        return float(total[0] / total[1].clamp(min=1))
+        return evaluate_loss(self.wrapped, self.eval_set, amp=self.amp, device=self.device)
 
     def _warmup_compile(self, batch: StepBatch) -> None:
         """Compile the training and evaluation graphs before the clock starts (gradients thrown away)."""
@@ -375,25 +279,26 @@ class Trainer:
         self.evaluate()
         self._sync()
         self.compile_time = time.perf_counter() - t0
-        self.log_line(f"compiled in {self.compile_time:.1f}s")
-        self.event("event", event="compiled", seconds=self.compile_time)
+        self.report.line(f"compiled in {self.compile_time:.1f}s")
+        self.report.event("event", event="compiled", seconds=self.compile_time)
 
     # ------------------------------------------------------------------------------------------------------
     # what the loop reports
 
     def _log_start(self) -> None:
         t, cfg = self.cfg.train, self.cfg
-        self.event("config", step=self.state.step, config=cfg.to_dict(), model=asdict(self.gpt_config),
-                   params=self.model.num_params(), world=self.dist.world, device=str(self.device),
-                   precision=self.precision, total_steps=self.total_steps, accum=self.accum,
-                   micro_batch=self.micro_rows, torch=torch.__version__, optimizer=describe(self.optimizer))
-        self.log_line(f"model {self.model.num_params() / 1e6:.2f}M params | {self.total_steps} steps of "
-                      f"{t.batch_size}x{cfg.data.seq_len} tokens | {self.device} {self.precision} | run {self.run_dir}")
+        self.report.event("config", step=self.state.step, config=cfg.to_dict(), model=asdict(self.gpt_config),
+                          params=self.model.num_params(), world=self.dist.world, device=str(self.device),
+                          precision=self.precision, total_steps=self.total_steps, accum=self.accum,
+                          micro_batch=self.micro_rows, torch=torch.__version__, optimizer=describe(self.optimizer))
+        self.report.line(f"model {self.model.num_params() / 1e6:.2f}M params | {self.total_steps} steps of "
+                         f"{t.batch_size}x{cfg.data.seq_len} tokens | {self.device} {self.precision} | run "
+                         f"{self.run_dir}")
 
-    def _log_train(self, loss_value: float, norm_value: float, seq_len: int, bar: tqdm) -> None:
+    def _log_train(self, loss_value: float, norm_value: float, seq_len: int) -> None:
         self.clock.lap()
         w = self.window.stats()
-        record = {"step": self.state.step, "loss": loss_value, "lr": self._main_lr(), "grad_norm": norm_value,
+        record = {"step": self.state.step, "loss": loss_value, "lr": main_lr(self.optimizer), "grad_norm": norm_value,
                   "grad_norms": w.pop("grad_norms"), "tokens": self.state.tokens_seen, "time": self.clock.total,
                   "tokens_per_s": w.pop("tokens_per_s"), "seq_len": seq_len, "waste": w.pop("waste"),
                   "tokens_per_row": w.pop("tokens_per_row"), "skipped": self.guard.bad_total, **w}
@@ -401,51 +306,28 @@ class Trainer:
             record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
-        self.event("train", **record)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+        self.report.train(record)
 
-    def _eval_and_log(self, last_loss: float | None, bar: tqdm) -> bool:
+    def _eval_and_log(self, last_loss: float | None) -> bool:
         """Evaluate (off the clock) and log it; True when a callback ends the run here."""
+        st = self.state
         with self.clock.paused():
             self.val_loss = val_loss = self.evaluate()
-            self.state.val_history.append((self.state.step, val_loss))
-            self.event("val", step=self.state.step, loss=val_loss, tokens=self.state.tokens_seen,
-                       time=self.clock.total)
-            bar.set_postfix(loss=f"{last_loss or float('nan'):.3f}", val=f"{val_loss:.3f}", refresh=False)
-            return any(cb.on_eval(self.state.step, val_loss) for cb in self.callbacks)
-
-    def _log_stop(self, end: bool) -> None:
-        step = self.state.step
-        if not end:
-            self.log_line(f"stopped by signal at step {step}; resume with --resume")
-            self.event("event", event="interrupted", step=step)
-        elif step < self.total_steps:
-            self.log_line(f"stopped at step {step} of {self.total_steps}; --resume continues it")
-            self.event("event", event="stopped", step=step)
+            st.val_history.append((st.step, val_loss))
+            self.report.val(step=st.step, loss=val_loss, tokens=st.tokens_seen, time=self.clock.total,
+                            last_loss=last_loss)
+            return any(cb.on_eval(st.step, val_loss) for cb in self.callbacks)
 
     def _finish(self, last_loss: float | None) -> TrainResult:
         st, guard, val_loss = self.state, self.guard, self.val_loss
-        if self.metrics:
-            self.metrics.write("summary", step=st.step, train_loss=last_loss, val_loss=val_loss,
-                               train_time=st.train_time, compile_time=self.compile_time, skipped=guard.bad_total,
-                               rollbacks=guard.rollbacks, spikes=guard.spikes, tokens=st.tokens_seen,
-                               graphs=_graphs_compiled() - self._graphs_before)
-            self.metrics.close()
-            if self.cfg.log.plot:
-                from lmsprint.plots import plot_run
-
-                plot_run(self.run_dir)
+        self.report.summary(step=st.step, train_loss=last_loss, val_loss=val_loss, train_time=st.train_time,
+                            compile_time=self.compile_time, skipped=guard.bad_total, rollbacks=guard.rollbacks,
+                            spikes=guard.spikes, tokens=st.tokens_seen, graphs=graphs_compiled() - self._graphs_before)
         stopped = self.stop.signum is not None and st.step < self.total_steps  # (a signal on the last step: done)
         return TrainResult(run_dir=self.run_dir, step=st.step, train_loss=last_loss, val_loss=val_loss,
                            interrupted=stopped, skipped_steps=guard.bad_total, rollbacks=guard.rollbacks,
                            train_time=st.train_time, compile_time=self.compile_time,
                            val_history=list(st.val_history), stop_signal=self.stop.signum if stopped else None)
-
-    def _main_lr(self) -> float:
-        for group in self.optimizer.param_groups:
-            if group.get("role") == "matrix":
-                return float(group["lr"])
-        return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
@@ -474,53 +356,49 @@ class Trainer:
         first = self.batches.prefetch(st.step)
         if t.compile:
             self._warmup_compile(first)
-        bar = tqdm(total=self.total_steps, initial=st.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.cfg.log.progress and self.dist.is_main))
         last_loss: float | None = None
         first_step = st.step
         self.val_loss = st.val_history[-1][1] if st.val_history else None
-        with self.stop:  # SIGINT/SIGTERM: stop at the end of the step, checkpointed
+        # SIGINT/SIGTERM: stop at the end of the step, checkpointed
+        with self.stop, self.report.progress(self.total_steps, st.step) as bar:
             self.clock.start()
             self.window.reset()
-            try:
-                while st.step < self.total_steps:
-                    step = st.step
-                    batch = self.batches.take(step)
-                    loss = self._forward_backward(batch)
-                    for cb in self.callbacks:
-                        cb.on_grads(step, self.model)
-                    norm = self._clip()
-                    self.batches.prefetch(step + 1)  # the next batch is built while the device works on this one
-                    log_now = (step + 1) % t.log_every == 0 or step + 1 == self.total_steps
-                    loss_value, norm_value, stop_votes = self._host_stats(loss, norm, log_now)
-                    decision = self._judge(loss_value, norm_value)
-                    if decision == "rollback":
-                        self._rollback()
-                        bar.n = st.step
-                        continue
-                    self._update(step, batch, decision, loss_value, norm_value, log_now)
-                    if st.step == first_step + 1 and self.metrics:  # launch-to-first-step is measured from this
-                        self._sync()
-                        self.event("event", event="first_step", step=st.step, wall=time.time())
-                    if math.isfinite(loss_value):
-                        last_loss = loss_value
-                    # stop_at_step ends the run early (evaluated and checkpointed) on a schedule over total_steps
-                    end = st.step == self.total_steps or st.step == t.stop_at_step
-                    if log_now:
-                        self._log_train(loss_value, norm_value, batch.seq_len, bar)
-                    if (t.eval_every and st.step % t.eval_every == 0) or end:
-                        end = self._eval_and_log(last_loss, bar) or end
-                    # several processes stop only on a step whose stats were all-reduced (each step with the guard on)
-                    stop = self.stop.agreed(stop_votes, self.dist.world)
-                    if (t.ckpt_every and st.step % t.ckpt_every == 0) or end or stop:
-                        with self.clock.paused():
-                            self.save()
-                    bar.update(1)
-                    if end or stop:
-                        self._log_stop(end)
-                        break
-            finally:
-                bar.close()
+            while st.step < self.total_steps:
+                step = st.step
+                batch = self.batches.take(step)
+                loss = self._forward_backward(batch)
+                for cb in self.callbacks:
+                    cb.on_grads(step, self.model)
+                norm = self._clip()
+                self.batches.prefetch(step + 1)  # the next batch is built while the device works on this one
+                log_now = (step + 1) % t.log_every == 0 or step + 1 == self.total_steps
+                loss_value, norm_value, stop_votes = self._host_stats(loss, norm, log_now)
+                decision = self._judge(loss_value, norm_value)
+                if decision == "rollback":
+                    self._rollback()
+                    bar.n = st.step
+                    continue
+                self._update(step, batch, decision, loss_value, norm_value, log_now)
+                if st.step == first_step + 1 and self.report.metrics:  # launch-to-first-step is measured from this
+                    self._sync()
+                    self.report.event("event", event="first_step", step=st.step, wall=time.time())
+                if math.isfinite(loss_value):
+                    last_loss = loss_value
+                # stop_at_step ends the run early (evaluated and checkpointed) on a schedule over total_steps
+                end = st.step == self.total_steps or st.step == t.stop_at_step
+                if log_now:
+                    self._log_train(loss_value, norm_value, batch.seq_len)
+                if (t.eval_every and st.step % t.eval_every == 0) or end:
+                    end = self._eval_and_log(last_loss) or end
+                # several processes stop only on a step whose stats were all-reduced (each step with the guard on)
+                stop = self.stop.agreed(stop_votes, self.dist.world)
+                if (t.ckpt_every and st.step % t.ckpt_every == 0) or end or stop:
+                    with self.clock.paused():
+                        self.save()
+                bar.update(1)
+                if end or stop:
+                    self.report.stopped(st.step, self.total_steps, by_signal=not end)
+                    break
         return self._finish(last_loss)
 
 
