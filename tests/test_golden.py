@@ -25,6 +25,7 @@ from lmsprint.training.metrics import read_metrics  # noqa: E402
 from lmsprint.training.trainer import Callback, train  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden.json")
+pytestmark = pytest.mark.usefixtures("one_thread")  # the matmuls' sums, and so the losses, do not depend on cores
 VOLATILE = {"time", "wall", "tokens_per_s", "train_time", "compile_time", "seconds", "torch", "checkpoint"}
 """Metric fields that depend on the clock, the torch build or the temporary directory."""
 
@@ -140,13 +141,6 @@ def golden() -> dict[str, Any]:
     return json.loads(GOLDEN.read_text())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the sums inside the matmuls, and so the losses, do not depend on the core count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

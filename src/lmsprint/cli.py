@@ -56,14 +56,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = build_config(_recipe_default(args.config, overrides), overrides)
         run_dir = new_run_dir(cfg)
     if args.nproc != 1:
-        from lmsprint.config import validate
         from lmsprint.launch import launch
-        from lmsprint.training.batches import micro_batch_rows
+        from lmsprint.training.trainer import preflight
 
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-        validate(cfg)  # config errors once, here, rather than once per worker
-        micro_batch_rows(cfg.train, args.nproc)
+        preflight(cfg, args.nproc)  # config errors once, here, rather than once per worker
         return launch(args.nproc, args.argv)
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
     main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples

@@ -73,12 +73,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records in step order, those of steps a resume or rollback logged again replaced by the later ones."""
+    """Records in step order as the run's last attempt left them: a step logged again (after a resume or a
+    rollback) replaces its earlier record and every later one. Rollback events among ``records`` drop the records
+    after their step at once (for a run that ended before it logged those steps again)."""
     out: list[dict[str, Any]] = []
     for r in records:
-        while out and out[-1]["step"] >= r["step"]:
+        rollback = r.get("kind") == "event" and r.get("event") == "rollback"
+        while out and (out[-1]["step"] > r["step"] if rollback else out[-1]["step"] >= r["step"]):
             out.pop()
-        out.append(r)
+        if not rollback:
+            out.append(r)
     return out
 
 

@@ -20,7 +20,7 @@ from lmsprint import distributed as D
 from lmsprint.config import RunConfig, validate
 from lmsprint.data.batching import TokenStream
 from lmsprint.data.loader import StepBatch
-from lmsprint.model import GPT, GPTConfig, resolve_model_config
+from lmsprint.model import GPT, build_model, model_shape, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
 from lmsprint.schedules import build_schedule
@@ -37,16 +37,6 @@ from lmsprint.training.rundir import FreshRunDir, new_run_dir, open_data, prepar
 from lmsprint.training.signals import StopSignal
 from lmsprint.training.state import RNGState, TrainState
 from lmsprint.training.step import clip_gradients, evaluate_loss, forward_backward
-
-
-def build_model(config: GPTConfig, *, device: torch.device, seed: int, precision: str) -> GPT:
-    """The run's model with its initial weights (the same every time for a seed): float32 init, then bf16 for
-    ``bf16-pure``."""
-    model = GPT(config).to(device)
-    model.init_weights(seed=seed)
-    if precision == "bf16-pure":
-        model.to(torch.bfloat16)
-    return model
 
 
 class Trainer:
@@ -138,7 +128,9 @@ class Trainer:
                 write_config(cfg, self.run_dir)  # overrides of the resume (e.g. more --train.steps) become the config
 
     def build_model(self) -> GPT:
-        return build_model(self.gpt_config, device=self.device, seed=self.cfg.train.seed, precision=self.precision)
+        """The run's model with its initial weights (the same ones at the start and at a rollback to it)."""
+        dtype = torch.bfloat16 if self.precision == "bf16-pure" else None  # bf16 weights, fp32 optimizer state
+        return build_model(self.gpt_config, device=self.device, seed=self.cfg.train.seed, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints: save, resume, roll back
@@ -402,10 +394,19 @@ class Trainer:
         return self._finish(last_loss)
 
 
+def preflight(cfg: RunConfig, world: int | None = None) -> None:
+    """Every check that needs no data, before anything is prepared: the config's sections, the model's shape and,
+    given the number of processes, how the batch splits over them."""
+    validate(cfg)
+    model_shape(cfg.model)
+    if world is not None:
+        B.micro_batch_rows(cfg.train, world)
+
+
 def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False,
           callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train a run from a config (the Python form of ``lmsprint train``)."""
-    validate(cfg)
+    preflight(cfg)
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     fresh = FreshRunDir(path, resume=resume)
     trainer = None
@@ -428,5 +429,5 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
         D.teardown()
 
 
-__all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "build_model",
-           "resume_config", "train"]
+__all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "preflight", "resume_config",
+           "train"]
