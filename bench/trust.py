@@ -194,6 +194,7 @@ def do_bench(s: Session) -> None:
 
 def write_bench(s: Session) -> None:
     from lmsprint import bench as B
+    from lmsprint.plots import plot_bench
     from lmsprint.reference import NANOGPT
 
     runs = [B.BenchRun(**{k: v for k, v in rec.items() if k != "wall"}) for key, rec in s.state.items()
@@ -208,7 +209,7 @@ def write_bench(s: Session) -> None:
     md += "\n\n" + (check or "(baseline curve not comparable: not evaluated at the reference's steps)")
     (s.out / "bench.md").write_text(md + "\n")
     (s.out / "bench.json").write_text(json.dumps({"target": target, "runs": [asdict(r) for r in runs]}, indent=1))
-    B.plot(runs, target, s.out / "bench.png")
+    plot_bench(runs, target, s.out / "bench.png")
     print(md, flush=True)
 
 

@@ -13,14 +13,13 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, Li
 from lmsprint import schedules
 from lmsprint.config import ScheduleConfig
 from lmsprint.errors import ConfigError
+from lmsprint.optim.ademamix import ademamix_alpha, ademamix_beta3
+from lmsprint.optim.muon import muon_momentum
 from lmsprint.schedules import (
     GroupSchedule,
     LRSchedule,
-    ademamix_alpha,
-    ademamix_beta3,
     build_schedule,
     lr_multiplier,
-    muon_momentum,
     resolve_schedule,
     schedule_report,
 )
@@ -356,20 +355,20 @@ def test_ademamix_beta3_warmup_from_beta1_zero_is_the_formulas_limit():
          "--schedule.warmup_steps=200 is longer than the run (100 steps); shorten the warm-up or train longer"),
         (ScheduleConfig(warmup_steps=100), 100, "--schedule.warmup_steps=100 is as long as the run (100 steps)"),
         (ScheduleConfig(warmup_fraction=0.999), 100, "--schedule.warmup_fraction=0.999 (100 steps) is as long"),
-        (ScheduleConfig(warmup_steps=-5), 100, "--schedule.warmup_steps=-5 is negative"),
+        (ScheduleConfig(warmup_steps=-5), 100, "--schedule.warmup_steps must be >= 0, got -5"),
         (ScheduleConfig(), 0, "--train.steps=0: the run must have at least one step"),
         (ScheduleConfig(), -3, "--train.steps=-3"),
-        (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 is above the peak --optim.lr=0.01"),
-        (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 is negative"),
-        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan is not a number"),
-        (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio=1.5 must be in [0, 1]"),
-        (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor=0.0 must be in (0, 1]"),
-        (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction=0.0 must be in (0, 1]"),
-        (ScheduleConfig(name="wsd", decay_fraction=1.5), 100, "--schedule.decay_fraction=1.5 must be in (0, 1]"),
+        (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 must be between 0 and the peak --optim.lr=0.01"),
+        (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 must be between 0 and the peak"),
+        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan must be between 0 and the peak"),
+        (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio must be in [0, 1], got 1.5"),
+        (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor must be in (0, 1], got 0.0"),
+        (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction must be in (0, 1], got 0.0"),
+        (ScheduleConfig(name="wsd", decay_fraction=1.5), 100, "--schedule.decay_fraction must be in (0, 1], got 1.5"),
         (ScheduleConfig(name="wsd", warmup_steps=30, decay_fraction=0.8), 100,
          "--schedule.decay_fraction=0.8 makes the 80-step cool-down overlap the 30-step warm-up; use a "
          "decay_fraction of at most 0.7"),
-        (ScheduleConfig(name="step"), 100, "--schedule.name: unknown schedule 'step'"),  # type: ignore[arg-type]
+        (ScheduleConfig(name="step"), 100, "--schedule.name: 'step' is not one of cosine"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_settings(cfg: ScheduleConfig, total: int, message: str):

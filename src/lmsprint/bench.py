@@ -20,8 +20,9 @@ from pathlib import Path
 from lmsprint.compare import crossing
 from lmsprint.config import build_config
 from lmsprint.errors import LmsprintError
+from lmsprint.plots import plot_bench
 from lmsprint.reference import Reference, check_curve
-from lmsprint.training.metrics import read_metrics
+from lmsprint.training.metrics import read_metrics, steady
 from lmsprint.training.trainer import Callback, train
 
 # One technique of a recipe removed at a time (`--ablate fast`): name -> overrides that switch it off.
@@ -80,16 +81,11 @@ def run_one(name: str, recipe: str, seed: int, *, overrides: list[str], out_dir:
     records = read_metrics(run_dir / "metrics.jsonl")
     val = [{"step": r["step"], "tokens": r["tokens"], "time": r["time"], "loss": r["loss"]}
            for r in records if r["kind"] == "val"]
-    trains = [r for r in records if r["kind"] == "train"]
     summary = next(r for r in reversed(records) if r["kind"] == "summary")
-    mfus = [r["mfu"] for r in trains if "mfu" in r]
-    steady = trains[len(trains) // 4 :] or trains  # skip the first log windows (allocator warm-up)
     return BenchRun(name=name, seed=seed, run_dir=str(run_dir), final_loss=val[-1]["loss"],
                     train_time=summary["train_time"], compile_time=summary["compile_time"], steps=summary["step"],
-                    tokens=summary["tokens"],
-                    tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady) if steady else 0.0,
-                    mfu=statistics.median(mfus[len(mfus) // 4 :] or mfus) if mfus else None,
-                    graphs=summary.get("graphs", 0), val=val)
+                    tokens=summary["tokens"], tokens_per_s=steady(records, "tokens_per_s") or 0.0,
+                    mfu=steady(records, "mfu"), graphs=summary.get("graphs", 0), val=val)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -186,33 +182,6 @@ def curve_check(runs: list[BenchRun], name: str, ref: Reference) -> str | None:
     return f"{name} against the reference curve ({ref.name}):\n\n{check.table()}"
 
 
-def plot(runs: list[BenchRun], target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.name for r in runs))}
-    for ax, key, label in ((axes[0], "time", "training wall time (s)"), (axes[1], "tokens", "training tokens")):
-        for r in runs:
-            xs = [v[key] for v in r.val]
-            first = r is next(x for x in runs if x.name == r.name)
-            ax.plot(xs, [v["loss"] for v in r.val], "o-", ms=2, lw=1, color=colors[r.name],
-                    label=r.name if first else None, alpha=0.85)
-        ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target:.3f}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-        lo = min(v["loss"] for r in runs for v in r.val)
-        ax.set_ylim(lo - 0.1, min(max(v["loss"] for r in runs for v in r.val), target + 2.5))
-    axes[0].legend(fontsize=8)
-    fig.suptitle("lmsprint bench: validation loss against wall time and tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def bench(recipes: list[str], *, seeds: list[int], overrides: list[str], out_dir: Path,
           target: float | None = None, reference: Reference | None = None, ablate: str | None = None,
           stop_at_target: bool = False) -> dict:
@@ -249,7 +218,7 @@ def bench(recipes: list[str], *, seeds: list[int], overrides: list[str], out_dir
         (out_dir / "bench.json").write_text(json.dumps({"target": goal, "runs": [asdict(r) for r in runs],
                                                         "summary": rows, "reference": reference and asdict(reference)},
                                                        indent=1))
-        plot(runs, goal, out_dir / "bench.png")
+        plot_bench(runs, goal, out_dir / "bench.png")
         return md
 
     for i, recipe in enumerate(recipes):

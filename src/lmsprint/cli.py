@@ -55,6 +55,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
+    from lmsprint.distributed import launch_rank
     from lmsprint.training.trainer import new_run_dir, resume_config, train
 
     overrides = _with_data(args, overrides)
@@ -65,17 +66,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = build_config(_recipe_default(args.config, overrides), overrides)
         run_dir = new_run_dir(cfg)
     if args.nproc != 1:
-        from lmsprint.config import validate
         from lmsprint.launch import launch
-        from lmsprint.training.trainer import micro_batch_rows
+        from lmsprint.training.trainer import preflight
 
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-        validate(cfg)  # config errors once, here, rather than once per worker
-        micro_batch_rows(cfg.train, args.nproc)
+        preflight(cfg, args.nproc)  # config errors once, here, rather than once per worker
         return launch(args.nproc, args.argv)
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun: rank 0 reports and samples
+    main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples
     if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
         if main_rank:
             print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
@@ -364,7 +363,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         sys.exit(handlers[args.command](args, overrides))
     except LmsprintError as e:
-        rank = int(os.environ.get("RANK", "0"))
+        from lmsprint.distributed import launch_rank
+
+        rank = launch_rank()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         elif not isinstance(e, ConfigError):  # every rank reads the same config: rank 0 reports those
