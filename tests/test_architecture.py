@@ -112,7 +112,7 @@ def test_names_are_the_registries() -> None:
     assert get_args(get_type_hints(OptimConfig)["name"]) == tuple(OPTIMIZERS)
     assert set(get_args(get_type_hints(ScheduleConfig)["name"])) == set(SHAPES)
     assert set(get_args(get_type_hints(ScheduleConfig)["decay_shape"])) == set(DECAYS)
-    assert get_args(get_type_hints(ModelConfig)["preset"]) == tuple(PRESETS)
+    assert get_args(get_type_hints(ModelConfig)["preset"]) == ("auto", *PRESETS)  # auto: the budget planner's pick
     for key in NOUNS:
         section, name = key.split(".")
         assert get_args(get_type_hints(SECTIONS[section])[name]), key

@@ -82,7 +82,8 @@ def test_run_directory_contents(tmp_path: Path, corpus: Path) -> None:
     assert {"config", "train", "val", "summary"} <= kinds
     train_rec = next(r for r in records if r["kind"] == "train")
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(train_rec)
-    assert len(list((run / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-3:] == ["best", "step_00000005",
+                                                                            "step_00000010"]  # best/ + keep 2
     assert math.isfinite(result.val_loss)
 
 

@@ -28,6 +28,19 @@ def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
     return "fast" if torch.cuda.is_available() else None
 
 
+def _budget_default(recipe: str | None, overrides: list[str]) -> list[str]:
+    """No --config and no run length (--train.steps, --train.epochs, --train.budget): the run gets the budget
+    sized for the machine (--train.budget=auto) and the planner picks the model size for the corpus (the GPU's
+    fast recipe names one: --model.preset=auto replaces it, unless a --model size flag is given)."""
+    if recipe is not None:
+        return overrides
+    keys = {o[2:].split("=", 1)[0] for o in overrides if o.startswith("--")}
+    if keys & {"train.steps", "train.epochs", "train.budget", "train.stop_at_step"}:
+        return overrides
+    sized = keys & {"model.preset", "model.n_layer", "model.n_head", "model.n_embd"}
+    return ["--train.budget=auto", *([] if sized else ["--model.preset=auto"]), *overrides]
+
+
 def _with_data(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     """The positional corpus argument, if given, as the --data.source override (flags after it still win)."""
     return overrides if args.data is None else [f"--data.source={args.data}", *overrides]
@@ -56,15 +69,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.distributed import launch_rank
+    from lmsprint.training.budget import Timer, clock_text, plan_run, process_start
     from lmsprint.training.trainer import new_run_dir, resume_config, train
 
+    timer = Timer(started=process_start())  # a --train.budget counts from the launch
     overrides = _with_data(args, overrides)
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, overrides)
     else:
-        cfg = build_config(_recipe_default(args.config, overrides), overrides)
+        recipe = _recipe_default(args.config, overrides)
+        cfg = build_config(recipe, _budget_default(args.config, overrides))
         run_dir = new_run_dir(cfg)
+    if args.dry_run:
+        if cfg.train.budget is None or args.resume:
+            raise ConfigError("--dry-run prints the plan of a --train.budget run; give a budget (and no --resume)")
+        print(plan_run(cfg, timer=timer, progress=cfg.log.progress).describe())
+        return 0
     if args.nproc != 1:
         from lmsprint.launch import launch
         from lmsprint.training.trainer import preflight
@@ -86,6 +107,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if result.val_loss is not None:
         print(f"final validation loss: {result.val_loss:.4f} after {result.step} steps "
               f"({result.train_time:.1f}s of training)")
+    if result.best_step is not None and result.best_val_loss is not None:
+        print(f"best validation loss: {result.best_val_loss:.4f} at step {result.best_step} (kept in "
+              f"{result.run_dir / 'checkpoints' / 'best'}; sample and export use it)")
     if cfg.log.plot and (result.run_dir / "loss.png").exists():
         print(f"loss plot: {result.run_dir / 'loss.png'}")
     if args.sample > 0:
@@ -93,6 +117,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
         text = sample(result.run_dir, max_new_tokens=args.sample, seed=cfg.train.seed)[0]
         print("sample:\n" + "-" * 60 + f"\n{text}\n" + "-" * 60)
+    if result.budget is not None:
+        planned = f", {clock_text(result.expected)} planned" if result.expected is not None else ""
+        used = result.budget_before + timer.elapsed()  # a resumed run: its earlier processes' time too
+        print(f"time: {clock_text(used)} of the {clock_text(result.budget)} budget{planned}")
     return 0
 
 
@@ -130,7 +158,13 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
         raise LmsprintError(f"--device: unknown device {args.device!r}; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmsprintError(f"--device {args.device} but no CUDA GPU is available here; use --device cpu")
-    texts = sample(args.run, prompt=args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
+    from lmsprint.training.best import describe, find_weights
+
+    found = Path(args.run)
+    if found.exists():  # (a missing path gets sample's own error)
+        found = find_weights(found)
+        print(f"sampling from {describe(found)}", file=sys.stderr)
+    texts = sample(found, prompt=args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed, num_samples=args.num, device=args.device)
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -175,8 +209,11 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     _no_overrides("export", overrides)
     if (args.out is None) == (args.out_pos is None):
         raise ConfigError("lmsprint export needs one output directory: lmsprint export RUN --out DIR")
-    out = export(args.run, args.out or args.out_pos)
-    print(f"exported to {out}; load it with {how_to_load(out)}")
+    from lmsprint.training.best import describe, find_weights
+
+    found = find_weights(Path(args.run)) if Path(args.run).exists() else Path(args.run)  # (missing: export's error)
+    out = export(found, args.out or args.out_pos)
+    print(f"exported {describe(found)} to {out}; load it with {how_to_load(out)}")
     return 0
 
 
@@ -257,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to launch through torchrun")
     p.add_argument("--sample", type=int, default=200, help="tokens of text to sample at the end (0 = none)")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--dry-run", action="store_true", help="with --train.budget: print the plan and exit")
 
     p = sub.add_parser("prepare", help="tokenize a corpus into shards")
     p.add_argument("source", help="stdlib, tinyshakespeare, a file, a directory or a glob")

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
 from lmsprint.errors import CheckpointError, LmsprintError
 from lmsprint.model import GPTConfig
+from lmsprint.training import best
 from lmsprint.training import checkpoint as ckpt
 
 NORM_EPS = 1e-5  # lmsprint's Norm default (layers.Norm): Llama's rms_norm_eps, GPT-2's layer_norm_epsilon
@@ -231,7 +232,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"{run_dir} does not exist; pass a run directory (runs/NAME) or a checkpoint")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LmsprintError(f"{out_dir} already exists and is not empty; choose another output directory or delete it")
-    found = ckpt.find_weights(run_dir)
+    found = best.find_weights(run_dir)  # a run's best/ checkpoint when it has one
     meta = ckpt.verify(found)
     cfg = GPTConfig(**meta["model_config"])
     arch = architecture(cfg)

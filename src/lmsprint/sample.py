@@ -9,6 +9,7 @@ import torch
 from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
 from lmsprint.errors import CheckpointError
 from lmsprint.model import GPT, GPTConfig
+from lmsprint.training import best
 from lmsprint.training import checkpoint as ckpt
 
 
@@ -17,7 +18,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory (runs/NAME) or a checkpoint")
-    found = ckpt.find_weights(path)
+    found = best.find_weights(path)  # a run's best/ checkpoint when it has one
     meta, weights, _ = ckpt.load_checkpoint(found)
     model = GPT(GPTConfig(**meta["model_config"]))
     ckpt.load_model_state(model, weights)

@@ -26,7 +26,16 @@ from lmsprint.config.sections import (
     ScheduleConfig,
     TrainConfig,
 )
-from lmsprint.config.values import NOUNS, check_choice, coerce, field_docs, hints, join_spaced_overrides, type_name
+from lmsprint.config.values import (
+    NOUNS,
+    check_choice,
+    coerce,
+    field_docs,
+    hints,
+    join_spaced_overrides,
+    parse_duration,
+    type_name,
+)
 from lmsprint.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent.parent / "configs"
@@ -51,6 +60,7 @@ __all__ = [
     "help_lines",
     "join_spaced_overrides",
     "load_toml",
+    "parse_duration",
     "parse_overrides",
     "recipe_names",
     "set_value",

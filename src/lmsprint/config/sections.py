@@ -7,16 +7,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmsprint.config.values import check_choices, require
+from lmsprint.config.values import check_choices, parse_duration, require
 
 
 @dataclass
 class ModelConfig:
     """The network: size preset and architecture options."""
 
-    preset: Literal["tiny", "small", "gpt2-124m", "gpt2-350m"] = "tiny"
-    """Named size: tiny (~1.4M params with a 4K vocabulary, CPU), small (~30M), gpt2-124m (GPT-2 small shape),
-    gpt2-350m (GPT-2 medium shape)."""
+    preset: Literal["auto", "tiny", "small", "gpt2-124m", "gpt2-350m"] = "auto"
+    """Named size: auto (with --train.budget the planner picks the size; without one, tiny), tiny (~1.4M params
+    with a 4K vocabulary, CPU), small (~30M), gpt2-124m (GPT-2 small shape), gpt2-350m (GPT-2 medium shape)."""
     n_layer: int | None = None
     """Number of transformer blocks (overrides the preset)."""
     n_head: int | None = None
@@ -315,6 +315,17 @@ class TrainConfig:
     """Run directory name (default: a timestamp)."""
     peak_tflops: float | None = None
     """Dense bf16 peak of the GPU for MFU (default: measured once and cached)."""
+    budget: str | None = None
+    """Wall-clock budget of the whole run, start-up and evaluations included: e.g. 90s, 10m, 2h, or auto (4m on a
+    CPU, 2m on a GPU). The planner sets steps, batch_size and, with --model.preset=auto, the model size from this
+    machine's measured throughput; the wsd cool-down starts on time, so the run ends evaluated and checkpointed
+    within the budget (docs/budget.md)."""
+    tokens_per_param: float | None = None
+    """Budget planner: the compute-optimal training tokens per parameter the model size is picked for (default:
+    the ratio measured for lmsprint's recipes on a CPU, or Chinchilla's 20 on a GPU; docs/budget.md)."""
+    max_epochs: float = 4.0
+    """The most passes over the training tokens a budget plans (more repetition is worth little: Muennighoff et
+    al. 2023); a run of more is warned."""
 
     def check(self) -> None:
         check_choices("train", self)
@@ -336,6 +347,16 @@ class TrainConfig:
                f"{self.peak_tflops}")
         require(self.stop_at_step is None or self.stop_at_step > 0,
                f"--train.stop_at_step must be a positive step (or none), got {self.stop_at_step}")
+        require(math.isfinite(self.max_epochs) and self.max_epochs > 0, f"--train.max_epochs must be a positive "
+               f"number, got {self.max_epochs}")
+        require(self.tokens_per_param is None or (math.isfinite(self.tokens_per_param) and self.tokens_per_param > 0),
+                f"--train.tokens_per_param must be a positive number, got {self.tokens_per_param}")
+        if self.budget is not None:
+            require(self.budget == "auto" or parse_duration(self.budget) is not None, f"--train.budget must be a "
+                   f"duration like 90s, 10m, 2h or 1h30m (or auto), got {self.budget!r}")
+            require(self.epochs is None, "--train.budget and --train.epochs both set the run's length; drop one")
+            require(self.stop_at_step is None, "--train.stop_at_step ends a fixed-length schedule early, a "
+                   "--train.budget run ends on time; drop one")
         if self.run_name is not None:
             require(self.run_name.strip() != "" and "/" not in self.run_name and self.run_name not in (".", ".."),
                    f"--train.run_name must be a plain directory name, got {self.run_name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import types
 import typing
 from functools import cache
@@ -114,6 +115,21 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 NOUNS = {"model.preset": "preset", "optim.name": "optimizer"}
 """Name fields tied to a registry (tests/test_architecture.py): an unknown value is an unknown <noun>."""
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of a duration written as ``90s``, ``10m``, ``2h``, ``1.5h`` or ``1h30m``; None if it is not one (or
+    is not positive)."""
+    text = text.strip().lower()
+    parts = _DURATION.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text or len({u for _, u in parts}) < len(parts):
+        return None
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    return seconds if seconds > 0 else None
 
 
 def require(ok: bool, message: str) -> None:

@@ -26,13 +26,14 @@ def build_model(config: GPTConfig, *, device: torch.device, seed: int, dtype: to
 
 
 def model_shape(cfg: ModelConfig) -> dict[str, int]:
-    """``n_layer``, ``n_head``, ``n_embd`` and ``mlp_hidden`` of a preset with its overrides.
+    """``n_layer``, ``n_head``, ``n_embd`` and ``mlp_hidden`` of a preset with its overrides (``auto``: the shape
+    the budget planner wrote into n_layer, n_head and n_embd, tiny's where it wrote none).
 
     Raises:
         ConfigError: A shape that cannot work (checked before any data is prepared).
     """
     cfg.check()
-    preset = PRESETS[cfg.preset]
+    preset = PRESETS["tiny" if cfg.preset == "auto" else cfg.preset]
     n_layer, n_head, n_embd = cfg.n_layer or preset.n_layer, cfg.n_head or preset.n_head, cfg.n_embd or preset.n_embd
     if n_embd % n_head != 0:
         raise ConfigError(f"--model.n_embd={n_embd} is not divisible by --model.n_head={n_head}; pick a width that "

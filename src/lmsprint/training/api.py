@@ -28,6 +28,15 @@ class TrainResult:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     stop_signal: int | None = None
     """The signal (SIGINT, SIGTERM) that stopped the run early, if one did."""
+    best_step: int | None = None
+    """The step of the best evaluation, whose weights are kept in ``checkpoints/best``."""
+    best_val_loss: float | None = None
+    budget: float | None = None
+    """Seconds of the run's --train.budget, if it has one."""
+    expected: float | None = None
+    """Seconds the budget's plan expected the run to take."""
+    budget_before: float = 0.0
+    """Seconds of the budget used by the run's earlier processes (before a resume)."""
 
 
 class Callback:

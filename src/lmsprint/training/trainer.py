@@ -7,12 +7,14 @@ when the guard is off, except on log steps).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,10 +25,12 @@ from lmsprint.data.loader import StepBatch
 from lmsprint.model import GPT, build_model, model_shape, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
-from lmsprint.schedules import build_schedule
+from lmsprint.schedules import LRSchedule, build_schedule, resolve_schedule
 from lmsprint.training import batches as B
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.api import Callback, TrainingDiverged, TrainResult
+from lmsprint.training.best import BestCheckpoint
+from lmsprint.training.budget import Budget, PlannedRun, Timer, budget_seconds, clock_text, epochs_warning, plan_run
 from lmsprint.training.checkpointer import Checkpointer
 from lmsprint.training.guard import Guard
 from lmsprint.training.memory import GPUOutOfMemory, is_out_of_memory, out_of_memory_error
@@ -47,10 +51,13 @@ class Trainer:
         run_dir: the run directory (created; must not exist unless ``resume``).
         resume: continue from the newest valid checkpoint in ``run_dir``.
         callbacks: test/experiment hooks.
+        timer: the wall clock of a ``--train.budget`` run (default: started now).
+        planned: the plan of a fresh budgeted run (its measured costs seed the deadline's estimates).
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume: bool = False,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), timer: Timer | None = None,
+                 planned: PlannedRun | None = None) -> None:
         self.cfg, self.callbacks, t = cfg, list(callbacks), cfg.train
         self.dist = D.setup(t.device)
         self.device, world, is_main = self.dist.device, self.dist.world, self.dist.is_main
@@ -68,6 +75,7 @@ class Trainer:
         self.micro_rows = B.micro_batch_rows(t, world)
         self.accum = t.batch_size // (self.micro_rows * world)
         train_stream = TokenStream(self.data.train)
+        self.corpus_tokens = train_stream.n_tokens
         self.total_steps = B.total_steps(cfg, train_stream)
 
         self.gpt_config = resolve_model_config(cfg.model, vocab_size=self.data.tokenizer.vocab_size,
@@ -89,8 +97,12 @@ class Trainer:
 
         self.optimizer = build_optimizer(model.named_parameters(), cfg.optim, total_steps=self.total_steps,
                                          data_parallel=world > 1)
-        self.scheduler = build_schedule(self.optimizer, cfg.schedule, total_steps=self.total_steps,
-                                        peak_lr=cfg.optim.lr)
+        self.planned = planned
+        self.budget = self._budget(timer or Timer()) if t.budget is not None else None
+        """The deadline of a --train.budget run: its lr schedule, with the cool-down started on time."""
+        self.scheduler = (LRSchedule(self.optimizer, self.budget) if self.budget is not None else
+                          build_schedule(self.optimizer, cfg.schedule, total_steps=self.total_steps,
+                                         peak_lr=cfg.optim.lr))
         self.horizon_wd = ([g["weight_decay"] for g in self.optimizer.param_groups]
                            if cfg.optim.weight_decay_mode == "horizon" else None)
         """Horizon-aware decay of each group, sized for this run's length at lr scale 1."""
@@ -118,14 +130,42 @@ class Trainer:
         self.stat_weights = torch.tensor([1.0, 1.0 / world, 1.0], device=self.device)
         states = {"scheduler": self.scheduler, "scaler": self.scaler, "loader": self.batches, "guard": self.guard,
                   "rng": RNGState(self.device), "trainer": self.state}
+        if self.budget is not None:  # loaded before the scheduler, whose lr it gives
+            states = {"budget": self.budget, **states}
         self.checkpointer = Checkpointer(self.ckpt_root, model=model, optimizer=self.optimizer, states=states,
                                          info={"config": cfg.to_dict()}, model_config=self.gpt_config,
                                          keep=t.keep_checkpoints, sharded=self.sharded, is_main=is_main,
                                          warn=self.report.line)
+        self.best = BestCheckpoint(self.ckpt_root, model=model, model_config=self.gpt_config, sharded=self.sharded,
+                                   is_main=is_main)
         if resume:
             self._resume()
             if is_main:
                 write_config(cfg, self.run_dir)  # overrides of the resume (e.g. more --train.steps) become the config
+
+    def _budget(self, timer: Timer) -> Budget:
+        """The deadline of a budgeted run: the planned warm-up and cool-down, the corpus's step cap (the plan's
+        --train.max_epochs) and the plan's measured costs as the first estimates."""
+        cfg, t = self.cfg, self.cfg.train
+        schedule = resolve_schedule(cfg.schedule, total_steps=self.total_steps, peak_lr=cfg.optim.lr)
+        tokens_per_step = t.batch_size * cfg.data.seq_len
+        max_steps = max(self.total_steps, math.floor(t.max_epochs * self.corpus_tokens / tokens_per_step))
+        c = self.planned.cost if self.planned is not None else None
+        costs = {"eval": c.eval_s if c else 0.0, "save": c.save_s if c else 0.0, "finish": c.finish_s if c else 0.0}
+        return Budget(budget_seconds(t.budget, self.device), timer=timer, schedule=schedule, max_steps=max_steps,
+                      eval_every=t.eval_every or max_steps, ckpt_every=t.ckpt_every, costs=costs)
+
+    def _end_step(self) -> int:
+        """The step the run ends at: the configured length, or the budget's end as far as it is known."""
+        return self.budget.end if self.budget is not None else self.total_steps
+
+    def _expected_end(self) -> int:
+        """The end as far as a person is told (the plan's length until the budget's cool-down starts)."""
+        return self.budget.expected_end if self.budget is not None else self.total_steps
+
+    def _timed(self, kind: str) -> contextlib.AbstractContextManager:
+        """Around an evaluation or a checkpoint: off the training clock, and timed for the budget."""
+        return self.budget.paused(kind) if self.budget is not None else contextlib.nullcontext()
 
     def build_model(self) -> GPT:
         """The run's model with its initial weights (the same ones at the start and at a rollback to it)."""
@@ -283,9 +323,18 @@ class Trainer:
                           params=self.model.num_params(), world=self.dist.world, device=str(self.device),
                           precision=self.precision, total_steps=self.total_steps, accum=self.accum,
                           micro_batch=self.micro_rows, torch=torch.__version__, optimizer=describe(self.optimizer))
+        if self.planned is not None:
+            p = self.planned.plan
+            self.report.event("plan", budget=p.budget, spent=p.spent, expected=p.expected, steps=p.steps,
+                              tokens=p.tokens, epochs=p.epochs, params=p.params, tokens_per_param=p.tokens_per_param,
+                              target=p.target, limit=p.limit, breakdown=p.breakdown)
         self.report.line(f"model {self.model.num_params() / 1e6:.2f}M params | {self.total_steps} steps of "
                          f"{t.batch_size}x{cfg.data.seq_len} tokens | {self.device} {self.precision} | run "
                          f"{self.run_dir}")
+        warning = epochs_warning(tokens=self.total_steps * t.batch_size * cfg.data.seq_len,
+                                 corpus_tokens=self.corpus_tokens, max_epochs=t.max_epochs)
+        if warning and self.budget is None:
+            self.report.line(warning)
 
     def _log_train(self, loss_value: float, norm_value: float, seq_len: int) -> None:
         self.clock.lap()
@@ -303,23 +352,33 @@ class Trainer:
     def _eval_and_log(self, last_loss: float | None) -> bool:
         """Evaluate (off the clock) and log it; True when a callback ends the run here."""
         st = self.state
-        with self.clock.paused():
+        with self.clock.paused(), self._timed("eval"):
             self.val_loss = val_loss = self.evaluate()
+            self.best.update(st.step, val_loss)
             st.val_history.append((st.step, val_loss))
             self.report.val(step=st.step, loss=val_loss, tokens=st.tokens_seen, time=self.clock.total,
                             last_loss=last_loss)
             return any(cb.on_eval(st.step, val_loss) for cb in self.callbacks)
 
     def _finish(self, last_loss: float | None) -> TrainResult:
-        st, guard, val_loss = self.state, self.guard, self.val_loss
+        st, guard, val_loss, best = self.state, self.guard, self.val_loss, self.best
+        budget = {}
+        if self.budget is not None:
+            budget = {"budget": self.budget.seconds, "used": self.budget.used(),
+                      "cooldown_start": self.budget.cooldown.start if self.budget.cooldown else None}
         self.report.summary(step=st.step, train_loss=last_loss, val_loss=val_loss, train_time=st.train_time,
                             compile_time=self.compile_time, skipped=guard.bad_total, rollbacks=guard.rollbacks,
-                            spikes=guard.spikes, tokens=st.tokens_seen, graphs=graphs_compiled() - self._graphs_before)
-        stopped = self.stop.signum is not None and st.step < self.total_steps  # (a signal on the last step: done)
+                            spikes=guard.spikes, tokens=st.tokens_seen, graphs=graphs_compiled() - self._graphs_before,
+                            best_step=best.step, best_val_loss=best.loss if best.step is not None else None, **budget)
+        stopped = self.stop.signum is not None and st.step < self._end_step()  # (a signal on the last step: done)
         return TrainResult(run_dir=self.run_dir, step=st.step, train_loss=last_loss, val_loss=val_loss,
                            interrupted=stopped, skipped_steps=guard.bad_total, rollbacks=guard.rollbacks,
                            train_time=st.train_time, compile_time=self.compile_time,
-                           val_history=list(st.val_history), stop_signal=self.stop.signum if stopped else None)
+                           val_history=list(st.val_history), stop_signal=self.stop.signum if stopped else None,
+                           best_step=best.step, best_val_loss=best.loss if best.step is not None else None,
+                           budget=self.budget.seconds if self.budget is not None else None,
+                           budget_before=self.budget.used_before if self.budget is not None else 0.0,
+                           expected=self.planned.plan.expected if self.planned is not None else None)
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
@@ -352,10 +411,12 @@ class Trainer:
         first_step = st.step
         self.val_loss = st.val_history[-1][1] if st.val_history else None
         # SIGINT/SIGTERM: stop at the end of the step, checkpointed
-        with self.stop, self.report.progress(self.total_steps, st.step) as bar:
+        with self.stop, self.report.progress(self._expected_end(), st.step) as bar:
             self.clock.start()
             self.window.reset()
-            while st.step < self.total_steps:
+            if self.budget is not None:
+                self.budget.start()
+            while st.step < self._end_step():
                 step = st.step
                 batch = self.batches.take(step)
                 loss = self._forward_backward(batch)
@@ -363,7 +424,7 @@ class Trainer:
                     cb.on_grads(step, self.model)
                 norm = self._clip()
                 self.batches.prefetch(step + 1)  # the next batch is built while the device works on this one
-                log_now = (step + 1) % t.log_every == 0 or step + 1 == self.total_steps
+                log_now = (step + 1) % t.log_every == 0 or step + 1 == self._end_step()
                 loss_value, norm_value, stop_votes = self._host_stats(loss, norm, log_now)
                 decision = self._judge(loss_value, norm_value)
                 if decision == "rollback":
@@ -371,13 +432,15 @@ class Trainer:
                     bar.n = st.step
                     continue
                 self._update(step, batch, decision, loss_value, norm_value, log_now)
+                if self.budget is not None and self.budget.step_done(st.step):
+                    self._cooldown_changed(bar)
                 if st.step == first_step + 1 and self.report.metrics:  # launch-to-first-step is measured from this
                     self._sync()
                     self.report.event("event", event="first_step", step=st.step, wall=time.time())
                 if math.isfinite(loss_value):
                     last_loss = loss_value
                 # stop_at_step ends the run early (evaluated and checkpointed) on a schedule over total_steps
-                end = st.step == self.total_steps or st.step == t.stop_at_step
+                end = st.step == self._end_step() or st.step == t.stop_at_step
                 if log_now:
                     self._log_train(loss_value, norm_value, batch.seq_len)
                 if (t.eval_every and st.step % t.eval_every == 0) or end:
@@ -385,13 +448,23 @@ class Trainer:
                 # several processes stop only on a step whose stats were all-reduced (each step with the guard on)
                 stop = self.stop.agreed(stop_votes, self.dist.world)
                 if (t.ckpt_every and st.step % t.ckpt_every == 0) or end or stop:
-                    with self.clock.paused():
+                    with self.clock.paused(), self._timed("save"):
                         self.save()
                 bar.update(1)
                 if end or stop:
-                    self.report.stopped(st.step, self.total_steps, by_signal=not end)
+                    self.report.stopped(st.step, self._expected_end(), by_signal=not end)
                     break
         return self._finish(last_loss)
+
+    def _cooldown_changed(self, bar: Any) -> None:
+        """The budget started (or re-fitted) the cool-down after this step: set this step's lr again and say so."""
+        b, st = self.budget, self.state
+        assert b is not None and b.cooldown is not None
+        self.scheduler.load_state_dict(self.scheduler.state_dict())  # the lr of the step about to run
+        bar.total = b.end
+        left = b.seconds - b.used()
+        self.report.line(f"cool-down: steps {st.step}-{b.end} ({clock_text(left)} of the budget left)")
+        self.report.event("event", event="cooldown", step=st.step, end=b.end, left=b.cooldown.left, seconds_left=left)
 
 
 def preflight(cfg: RunConfig, world: int | None = None) -> None:
@@ -404,14 +477,24 @@ def preflight(cfg: RunConfig, world: int | None = None) -> None:
 
 
 def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Train a run from a config (the Python form of ``lmsprint train``)."""
+          callbacks: Sequence[Callback] = (), timer: Timer | None = None) -> TrainResult:
+    """Train a run from a config (the Python form of ``lmsprint train``).
+
+    With ``--train.budget`` a fresh run is planned first (:func:`lmsprint.training.budget.plan_run`; the plan is
+    printed) and ends within the budget, counted on ``timer`` (default: from this call).
+    """
     preflight(cfg)
+    timer = timer or Timer()
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     fresh = FreshRunDir(path, resume=resume)
     trainer = None
     try:
-        trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks)
+        planned = None
+        if cfg.train.budget is not None and not resume:
+            planned = plan_run(cfg, timer=timer, progress=cfg.log.progress)
+            print(planned.describe(), flush=True)
+            cfg = planned.config
+        trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks, timer=timer, planned=planned)
         result = trainer.run()
         D.barrier()  # every rank is done: no collective is in flight when the process group goes
         return result
