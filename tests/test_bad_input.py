@@ -215,6 +215,14 @@ MORE_CASES = [
          _copy("runs")),
     Case("export-under-a-file", ("export", "runs/good", "afile/hf"), "cannot write afile/hf",
          lambda d, a: (_copy("runs")(d, a), _write("afile", "x")(d, a))),
+    Case("budget-not-a-duration", ("train", "c.jsonl", *TINY, "--train.budget=5"),
+         "--train.budget must be a duration like 90s, 10m, 2h"),
+    Case("budget-and-epochs", ("train", "c.jsonl", *TINY, "--train.budget=2m", "--train.epochs=1"),
+         "--train.budget and --train.epochs both set the run's length"),
+    Case("dry-run-without-budget", ("train", "c.jsonl", *TINY, "--dry-run"), "--dry-run prints the plan of a "
+         "--train.budget run"),
+    Case("budget-spent-before-planning", ("train", "corpus.jsonl", *TINY, "--train.budget=1s"), "went to start-up "
+         "and data preparation before planning", _copy("corpus.jsonl")),
     Case("compare-png-not-an-image", ("compare", "runs/good", "--png", "out.txt"), "--png out.txt: give a file name "
          "ending in .png", _copy("runs")),
 ]

@@ -331,7 +331,7 @@ def fake_costs(monkeypatch: pytest.MonkeyPatch, step_s: float = 0.05) -> None:
     """Every size costs what a 3x-per-size ladder would, without measuring."""
 
     def cost_of(cfg: object, gpt: object, **kw: object) -> tuple[Cost, bool]:
-        params, _ = budget_mod.matmul_params(gpt)  # type: ignore[arg-type]
+        params, _ = budget_mod.block_params(gpt)  # type: ignore[arg-type]
         scale = params / 1e5
         return Cost(params=params, rows=int(kw["rows"]), step_s=step_s * scale, first_s=0.5, eval_s=0.2,  # type: ignore[call-overload]
                     save_s=0.1, finish_s=0.5), True

@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         preflight(cfg, args.nproc)  # config errors once, here, rather than once per worker
         return launch(args.nproc, args.argv)
-    result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
+    result = train(cfg, run_dir=run_dir, resume=bool(args.resume), timer=timer)
     main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples
     if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
         if main_rank:

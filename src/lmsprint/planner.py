@@ -13,8 +13,10 @@ is run to its deadline by :mod:`lmsprint.training.budget`. The rules:
   log) to the compute-optimal ratio: the largest model the budget can still train to that ratio;
 - **batch**: the configured global batch, halved while the run would have fewer than :data:`MIN_STEPS` steps.
 
-Parameters ``N`` are the matmul weights (blocks and output head; 6N training FLOPs per token): an input
-embedding is a lookup, and with the small vocabularies of CPU runs it would dominate a total count.
+Parameters ``N`` are the non-embedding ones, the blocks' weight matrices (Kaplan et al. 2020's count): the
+embedding and the output head scale with the vocabulary, not with what the model can learn, and would dominate
+the count of a small model with a large vocabulary (a 64-wide model has 0.1M block parameters and 2.1M in a 32K
+head). Their cost is not left out of the plan: it is in the measured step time.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Cost:
     """What training one candidate costs on this machine, measured at ``rows`` rows per step.
 
     Attributes:
-        params: N, the matmul parameters.
+        params: N, the non-embedding parameters (the blocks' weight matrices).
         rows: the global batch (rows) ``step_s`` was measured at; the planner keeps tokens/s when it changes it.
         step_s: seconds per optimizer step.
         first_s: extra seconds of a run's first step and evaluation (compilation, warm-up).

@@ -31,7 +31,7 @@ from lmsprint.model import resolve_model_config
 from lmsprint.model.presets import ladder
 from lmsprint.schedules import Schedule, cooldown_steps, decay_remaining, resolve_schedule
 from lmsprint.training.batches import micro_batch_rows
-from lmsprint.training.throughput import cost_of, device_name, matmul_params
+from lmsprint.training.throughput import block_params, cost_of, device_name
 
 AUTO_SECONDS = {"cpu": 240.0, "cuda": 120.0}
 """``--train.budget=auto``: the default run's budget on each kind of device."""
@@ -161,6 +161,9 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
     device = D.resolve_device(t.device)
     budget = budget_seconds(t.budget, device)
     data = prepared_data(cfg.data, progress=progress)
+    if timer.elapsed() >= budget:
+        raise ConfigError(f"--train.budget={t.budget}: {clock_text(timer.elapsed())} of it went to start-up and data "
+                          "preparation before planning; give a longer budget")
     corpus = int(sum(s.header.n_tokens for s in data.train))
     val_tokens = int(sum(s.header.n_tokens for s in data.val))
     seq = cfg.data.seq_len
@@ -188,10 +191,10 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
     start = 0
     if len(shapes) > 1:  # a cheap guess to start the search at: the smallest size's cost scaled by FLOPs
         anchor = cost(0)
-        flops0 = matmul_params(gpt_of(shapes[0]))[1]
+        flops0 = block_params(gpt_of(shapes[0]))[1]
         estimates = []
         for s in shapes:
-            params, flops = matmul_params(gpt_of(s))
+            params, flops = block_params(gpt_of(s))
             estimates.append(planner.scaled(anchor, params=params, flops_ratio=flops / flops0))
         start = planner.nearest(len(shapes), lambda i: planner.fit(
             estimates[i], seconds=budget - timer.elapsed(), rows=t.batch_size, seq_len=seq,

@@ -98,11 +98,12 @@ def remember(key: str, cost: Cost, *, what: str) -> None:
         pass
 
 
-def matmul_params(gpt: GPTConfig) -> tuple[int, float]:
-    """(N, training FLOPs per token at full length) of a shape, counted on a model without storage."""
+def block_params(gpt: GPTConfig) -> tuple[int, float]:
+    """(N, the non-embedding parameters, and the training FLOPs per token at full length) of a shape, counted on a
+    model without storage: the matmul weights but the output head's."""
     with torch.device("meta"):
         model = GPT(gpt)
-    return model.num_params(matmul_only=True), model.flops_per_token(gpt.block_size)
+    return model.num_params(matmul_only=True) - model.lm_head.weight.numel(), model.flops_per_token(gpt.block_size)
 
 
 def measure(cfg: RunConfig, gpt: GPTConfig, *, device: torch.device, rows: int, micro: int, eval_rows: int) -> Cost:
@@ -155,7 +156,7 @@ def measure(cfg: RunConfig, gpt: GPTConfig, *, device: torch.device, rows: int, 
         times.append(train_step())
     step_s = statistics.median(times)
     eval_one = min(eval_micro() for _ in range(2))
-    params, _ = matmul_params(gpt)
+    params, _ = block_params(gpt)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
