@@ -166,7 +166,9 @@ def run_real(args: argparse.Namespace, budget: str, results: dict[str, Any]) -> 
            f"--train.run_name={run_dir.name}"]
     load0 = loadavg()
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **({"OMP_NUM_THREADS": str(args.threads)}
+                                                              if args.threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)

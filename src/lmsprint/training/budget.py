@@ -33,6 +33,7 @@ from lmsprint.schedules import Schedule, cooldown_steps, decay_remaining, resolv
 from lmsprint.training.batches import micro_batch_rows
 from lmsprint.training.throughput import block_params, cost_of, device_name
 
+ONE_PROCESS = "--train.budget plans runs of one process; drop --nproc, or set --train.steps"
 AUTO_SECONDS = {"cpu": 240.0, "cuda": 120.0}
 """``--train.budget=auto``: the default run's budget on each kind of device."""
 STEP_WINDOW = 32
@@ -127,8 +128,8 @@ class PlannedRun:
         """The plan, as printed before training."""
         p, cfg = self.plan, self.config
         layers, heads, width = self.shape
-        how = (f"picked of {p.measured} sizes measured for {p.target:g} tokens/param" if self.picked
-               else "the config's size")
+        sizes = f"{p.measured} size{'s' if p.measured != 1 else ''}"
+        how = f"picked of {sizes} measured for {p.target:g} tokens/param" if self.picked else "the config's size"
         b = p.breakdown
         lines = [
             f"budget plan: {clock_text(p.budget)} on {self.device}",
@@ -157,7 +158,7 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
     t = cfg.train
     assert t.budget is not None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--train.budget plans runs of one process; drop --nproc, or set --train.steps")
+        raise ConfigError(ONE_PROCESS)
     device = D.resolve_device(t.device)
     budget = budget_seconds(t.budget, device)
     data = prepared_data(cfg.data, progress=progress)

@@ -56,7 +56,8 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'s' if n != 1 else ''})"
 
 
 def cache_key(cfg: RunConfig, gpt: GPTConfig, *, device: torch.device, rows: int, micro: int, eval_rows: int) -> str:

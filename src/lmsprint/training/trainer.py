@@ -22,6 +22,7 @@ from lmsprint import distributed as D
 from lmsprint.config import RunConfig, validate
 from lmsprint.data.batching import TokenStream
 from lmsprint.data.loader import StepBatch
+from lmsprint.errors import ConfigError
 from lmsprint.model import GPT, build_model, model_shape, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
@@ -30,7 +31,16 @@ from lmsprint.training import batches as B
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.api import Callback, TrainingDiverged, TrainResult
 from lmsprint.training.best import BestCheckpoint
-from lmsprint.training.budget import Budget, PlannedRun, Timer, budget_seconds, clock_text, epochs_warning, plan_run
+from lmsprint.training.budget import (
+    ONE_PROCESS,
+    Budget,
+    PlannedRun,
+    Timer,
+    budget_seconds,
+    clock_text,
+    epochs_warning,
+    plan_run,
+)
 from lmsprint.training.checkpointer import Checkpointer
 from lmsprint.training.guard import Guard
 from lmsprint.training.memory import GPUOutOfMemory, is_out_of_memory, out_of_memory_error
@@ -474,6 +484,8 @@ def preflight(cfg: RunConfig, world: int | None = None) -> None:
     model_shape(cfg.model)
     if world is not None:
         B.micro_batch_rows(cfg.train, world)
+        if world > 1 and cfg.train.budget is not None:
+            raise ConfigError(ONE_PROCESS)
 
 
 def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False,
