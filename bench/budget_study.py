@@ -131,7 +131,13 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
     from lmsprint.schedules import default_warmup
     from lmsprint.training.trainer import train
 
-    p = plan_for(args, results, [cost], parse_duration(budget), 1.0)
+    try:
+        p = plan_for(args, results, [cost], parse_duration(budget), 1.0)
+    except ValueError as e:  # the size does not fit in the budget at all
+        results["grid"].append({"budget": budget, "size": i, "params": cost.params, "fits": False})
+        print(f"{budget} size {i}: does not fit ({e})", flush=True)
+        save(args.out, results)
+        return
     shape = ladder()[i]
     cfg = base_config(args, [f"--model.n_layer={shape.n_layer}", f"--model.n_head={shape.n_head}",
                              f"--model.n_embd={shape.n_embd}", "--train.budget=none", f"--train.steps={p.steps}",
@@ -230,7 +236,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     best_ratios = []
     budgets = sorted({g["budget"] for g in results["grid"]}, key=parse_duration)
     for budget in budgets:
-        grid = sorted((g for g in results["grid"] if g["budget"] == budget), key=lambda g: g["size"])
+        grid = sorted((g for g in results["grid"] if g["budget"] == budget and g.get("fits", True)),
+                      key=lambda g: g["size"])
         top = min(grid, key=lambda g: g["final"])
         best_ratios.append(top["tokens_per_param"])
         picks = {r: plan_for(ns, results, [costs[i] for i in indices], parse_duration(budget), r).size
@@ -266,7 +273,8 @@ def plot(results: dict[str, Any], budgets: list[str], png: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for k, budget in enumerate(budgets):
-        grid = sorted((g for g in results["grid"] if g["budget"] == budget), key=lambda g: g["params"])
+        grid = sorted((g for g in results["grid"] if g["budget"] == budget and g.get("fits", True)),
+                      key=lambda g: g["params"])
         color = f"C{k}"
         ax.plot([g["params"] for g in grid], [g["final"] for g in grid], "o-", color=color, label=f"grid, {budget}")
         for r in (x for x in results["real"] if x["budget"] == budget):

@@ -221,6 +221,8 @@ MORE_CASES = [
          "--train.budget and --train.epochs both set the run's length"),
     Case("dry-run-without-budget", ("train", "c.jsonl", *TINY, "--dry-run"), "--dry-run prints the plan of a "
          "--train.budget run"),
+    Case("resume-adding-a-budget", ("train", "--resume", "runs/good", "--train.budget=2m"),
+         "resume cannot change --train.budget (the run was not planned for one)", _copy("runs")),
     Case("budget-with-several-processes", ("train", "c.jsonl", *TINY, "--train.budget=2m", "--nproc=2"),
          "--train.budget plans runs of one process"),
     Case("budget-spent-before-planning", ("train", "corpus.jsonl", *TINY, "--train.budget=1s"), "went to start-up "

@@ -194,6 +194,24 @@ def test_the_planned_run_uses_the_default_warm_up_of_its_planned_length(tmp_path
     assert "wsd" in planned.describe() and "expected" in planned.describe()
 
 
+def test_with_compile_the_search_measures_eagerly_and_only_the_pick_compiled(corpus: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, bool]] = []
+
+    def cost_of(cfg: object, gpt: object, **kw: object) -> tuple[Cost, bool]:
+        calls.append((gpt.n_embd, cfg.train.compile))  # type: ignore[attr-defined]
+        params, _ = budget_mod.block_params(gpt)  # type: ignore[arg-type]
+        return Cost(params=params, rows=4, step_s=0.05 * params / 1e5, first_s=0.5, eval_s=0.2, save_s=0.1,
+                    finish_s=0.5), True
+
+    monkeypatch.setattr(budget_mod, "cost_of", cost_of)
+    planned = budget_mod.plan_run(budget_config(corpus, "10m", train__compile=True),
+                                  timer=Timer(started=0.0, clock=FakeClock()), progress=False)
+    assert len(calls) >= 2 and not any(compiled for _, compiled in calls[:-1])
+    assert calls[-1] == (planned.shape[2], True)
+    assert planned.config.train.compile
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the deadline, on a fake clock
 

@@ -146,6 +146,59 @@ class PlannedRun:
         return "\n".join(lines + [f"  note   {n}" for n in self.notes])
 
 
+class Candidates:
+    """The sizes a plan picks from (the ladder with --model.preset=auto, else the config's own) and what each costs
+    on this machine: measured once per device and shape (cached on disk), memoised here.
+
+    With --train.compile the search measures eager steps (compiling every candidate would take longer than the
+    answer is worth: 20-40 s each on a cold GPU) and only the picked size is measured compiled, as it will run.
+    """
+
+    def __init__(self, cfg: RunConfig, data: Any, device: torch.device, *, announce: Callable[[str], None]) -> None:
+        self.cfg, self.data, self.device, self.announce = cfg, data, device, announce
+        self.shapes = ladder() if picks_size(cfg) else [None]
+        self.eager_search = cfg.train.compile and len(self.shapes) > 1
+        self.search_cfg = cfg
+        if self.eager_search:
+            self.search_cfg = RunConfig.from_dict(cfg.to_dict())
+            self.search_cfg.train.compile = False
+        val_tokens = int(sum(s.header.n_tokens for s in data.val))
+        self.eval_rows = math.ceil(min(cfg.train.eval_tokens, max(val_tokens, 1)) / cfg.data.seq_len)
+        self.measured: dict[tuple[int, bool], planner.Cost] = {}
+
+    def gpt(self, i: int) -> Any:
+        shape, m = self.shapes[i], self.cfg.model
+        model = m if shape is None else replace(m, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
+        return resolve_model_config(model, vocab_size=self.data.tokenizer.vocab_size, block_size=self.cfg.data.seq_len)
+
+    def cost(self, i: int, *, as_run: bool = False) -> planner.Cost:
+        """Size ``i``'s cost, measured as the search does (or, ``as_run``, with the run's own compile setting)."""
+        cfg = self.cfg if as_run else self.search_cfg
+        key = (i, cfg.train.compile)
+        if key not in self.measured:
+            gpt, t = self.gpt(i), cfg.train
+
+            def say(_: object) -> None:
+                how = " (compiled)" if t.compile else ""
+                self.announce(f"measuring {gpt.n_layer} layers x {gpt.n_embd} wide{how} on "
+                              f"{device_name(self.device)} ...")
+
+            self.measured[key] = cost_of(cfg, gpt, device=self.device, rows=t.batch_size, micro=micro_batch_rows(t, 1),
+                                         eval_rows=self.eval_rows, on_measure=say)[0]
+        return self.measured[key]
+
+    def guess(self, ratio_of: Callable[[planner.Cost], float], target: float) -> int:
+        """Where to start the search: the size nearest ``target`` by the smallest size's cost scaled by FLOPs."""
+        if len(self.shapes) == 1:
+            return 0
+        anchor, flops0 = self.cost(0), block_params(self.gpt(0))[1]
+        estimates = []
+        for i in range(len(self.shapes)):
+            params, flops = block_params(self.gpt(i))
+            estimates.append(planner.scaled(anchor, params=params, flops_ratio=flops / flops0))
+        return planner.nearest(len(estimates), lambda i: ratio_of(estimates[i]), target)
+
+
 def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
              line: Callable[[str], None] = print) -> PlannedRun:
     """Plan a budgeted run: prepare the data, measure what the candidate sizes cost here (once; cached), and pick
@@ -166,56 +219,38 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
         raise ConfigError(f"--train.budget={t.budget}: {clock_text(timer.elapsed())} of it went to start-up and data "
                           "preparation before planning; give a longer budget")
     corpus = int(sum(s.header.n_tokens for s in data.train))
-    val_tokens = int(sum(s.header.n_tokens for s in data.val))
-    seq = cfg.data.seq_len
-    micro = micro_batch_rows(t, 1)
-    eval_rows = math.ceil(min(t.eval_tokens, max(val_tokens, 1)) / seq)
-    shapes = ladder() if picks_size(cfg) else [None]
-
-    def gpt_of(shape: Any) -> Any:
-        model = cfg.model if shape is None else replace(cfg.model, n_layer=shape.n_layer, n_head=shape.n_head,
-                                                        n_embd=shape.n_embd)
-        return resolve_model_config(model, vocab_size=data.tokenizer.vocab_size, block_size=seq)
-
-    def announce(gpt: Any) -> None:
-        line(f"measuring {gpt.n_layer} layers x {gpt.n_embd} wide on {device_name(device)} ...")
-
-    measured: dict[int, planner.Cost] = {}
-
-    def cost(i: int) -> planner.Cost:
-        if i not in measured:
-            measured[i] = cost_of(cfg, gpt_of(shapes[i]), device=device, rows=t.batch_size, micro=micro,
-                                  eval_rows=eval_rows, on_measure=announce)[0]
-        return measured[i]
-
+    sizes = Candidates(cfg, data, device, announce=line)
     target = tokens_per_param(cfg, device)
-    start = 0
-    if len(shapes) > 1:  # a cheap guess to start the search at: the smallest size's cost scaled by FLOPs
-        anchor = cost(0)
-        flops0 = block_params(gpt_of(shapes[0]))[1]
-        estimates = []
-        for s in shapes:
-            params, flops = block_params(gpt_of(s))
-            estimates.append(planner.scaled(anchor, params=params, flops_ratio=flops / flops0))
-        start = planner.nearest(len(shapes), lambda i: planner.fit(
-            estimates[i], seconds=budget - timer.elapsed(), rows=t.batch_size, seq_len=seq,
-            max_tokens=math.floor(t.max_epochs * corpus), ckpt_every=t.ckpt_every).ratio, target)
-    costs = [lambda i=i: cost(i) for i in range(len(shapes))]
-
-    def plan_now() -> planner.Plan:
-        return planner.plan(costs, budget=budget, spent=timer.elapsed(), corpus_tokens=corpus, seq_len=seq,
-                            batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, ckpt_every=t.ckpt_every,
-                            tokens_per_param=target, max_epochs=t.max_epochs, start=start)
-
+    kw: dict[str, Any] = dict(budget=budget, corpus_tokens=corpus, seq_len=cfg.data.seq_len, batch_size=t.batch_size,
+                              micro_batch_size=t.micro_batch_size, ckpt_every=t.ckpt_every, tokens_per_param=target,
+                              max_epochs=t.max_epochs)
+    max_tokens = math.floor(t.max_epochs * corpus)
     try:
-        plan_now()  # measures the sizes the search passes
-        p = plan_now()  # again, with the time the measuring took
+        start = sizes.guess(lambda c: planner.fit(c, seconds=budget - timer.elapsed(), rows=t.batch_size,
+                                                  seq_len=cfg.data.seq_len, max_tokens=max_tokens,
+                                                  ckpt_every=t.ckpt_every).ratio, target)
+        costs = [lambda i=i: sizes.cost(i) for i in range(len(sizes.shapes))]
+        planner.plan(costs, spent=timer.elapsed(), start=start, **kw)  # measures the sizes the search passes
+        p = planner.plan(costs, spent=timer.elapsed(), start=start, **kw)  # again, after the time that took
+        if sizes.eager_search:  # the picked size, compiled as the run will be
+            as_run = sizes.cost(p.size, as_run=True)
+            p = replace(planner.plan([lambda: as_run], spent=timer.elapsed(), **kw), size=p.size,
+                        measured=p.measured)
     except ValueError as e:
         raise ConfigError(f"--train.budget={t.budget}: {e}") from None
-    gpt = gpt_of(shapes[p.size])
+    planned, notes = _planned_config(cfg, p, sizes.gpt(p.size), picked=len(sizes.shapes) > 1)
+    gpt = sizes.gpt(p.size)
+    return PlannedRun(plan=p, config=planned, device=device_name(device), shape=(gpt.n_layer, gpt.n_head, gpt.n_embd),
+                      picked=len(sizes.shapes) > 1, corpus_tokens=corpus, cost=sizes.cost(p.size, as_run=True),
+                      notes=notes)
+
+
+def _planned_config(cfg: RunConfig, p: planner.Plan, gpt: Any, *, picked: bool) -> tuple[RunConfig, list[str]]:
+    """The config that runs plan ``p``: the picked shape, steps, batch and evaluation cadence, a wsd schedule with
+    the warm-up resolved for the planned length (the default rule unless one is set); and notes on what changed."""
     planned = RunConfig.from_dict(cfg.to_dict())
     notes = []
-    if shapes[p.size] is not None:
+    if picked:
         planned.model.n_layer, planned.model.n_head, planned.model.n_embd = gpt.n_layer, gpt.n_head, gpt.n_embd
     if cfg.schedule.name != "wsd":
         notes.append(f"--schedule.name={cfg.schedule.name} replaced by wsd: a budget ends with a cool-down "
@@ -224,11 +259,10 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
     tr = planned.train
     tr.steps, tr.batch_size, tr.micro_batch_size, tr.eval_every = p.steps, p.batch_size, p.micro_batch_size, \
         p.eval_every
-    sched = resolve_schedule(planned.schedule, total_steps=p.steps, peak_lr=planned.optim.lr)  # the default warm-up
-    planned.schedule.warmup_steps = sched.warmup
+    planned.schedule.warmup_steps = resolve_schedule(planned.schedule, total_steps=p.steps,
+                                                     peak_lr=planned.optim.lr).warmup
     validate(planned)
-    return PlannedRun(plan=p, config=planned, device=device_name(device), shape=(gpt.n_layer, gpt.n_head, gpt.n_embd),
-                      picked=len(shapes) > 1, corpus_tokens=corpus, cost=cost(p.size), notes=notes)
+    return planned, notes
 
 
 def epochs_warning(*, tokens: int, corpus_tokens: int, max_epochs: float) -> str | None:

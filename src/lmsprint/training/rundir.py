@@ -120,6 +120,8 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                                      "seq_milestones", "seq_multiple", "short_mix")
              if getattr(cfg.data, k) != getattr(saved.data, k)]
     fixed += ["--train.batch_size"] if cfg.train.batch_size != saved.train.batch_size else []
+    fixed += ["--train.budget (the run was not planned for one)"] if saved.train.budget is None and \
+        cfg.train.budget is not None else []
     if saved.data.seq_schedule in ("linear", "stages") and (cfg.train.steps, cfg.train.epochs) != \
             (saved.train.steps, saved.train.epochs):
         fixed.append("--train.steps/--train.epochs (the sequence-length schedule spans them)")
