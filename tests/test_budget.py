@@ -311,6 +311,12 @@ def test_the_corpus_cap_ends_the_run_like_a_fixed_length_wsd_schedule() -> None:
     assert lrs == pytest.approx(fixed)
 
 
+def test_steps_that_take_no_measurable_time_end_at_the_corpus_cap() -> None:
+    clock = FakeClock()
+    b = make_budget(100.0, clock, planned=200, max_steps=300)
+    assert len(drive(b, clock, lambda s: 0.0)) - 1 == 300
+
+
 def test_the_planned_warm_up_comes_first() -> None:
     clock = FakeClock()
     b = make_budget(100.0, clock, planned=400)

@@ -390,13 +390,13 @@ class Budget:
 
     def steps_left(self, step: int) -> int:
         """The steps from ``step`` that fit in the time left once the end (an evaluation, a checkpoint, the finish)
-        is paid for."""
+        is paid for, and in the corpus (``max_steps``)."""
         left = self.seconds - self.used() - self.costs["eval"] - self.costs["save"] - self.costs["finish"]
-        tau = statistics.median(self._times)
-        n = max(0, math.floor(left / self.per_step()))
+        tau, cap = statistics.median(self._times), self.max_steps - step
+        n = min(cap, max(0, math.floor(left / max(self.per_step(), 1e-9))))
         while n > 0 and self._seconds_for(step, n, tau) > left:
             n -= 1
-        while self._seconds_for(step, n + 1, tau) <= left:
+        while n < cap and self._seconds_for(step, n + 1, tau) <= left:
             n += 1
         return n
 
@@ -413,7 +413,7 @@ class Budget:
         if step >= self.end:
             return False
         timed = len(self._times) >= 3  # a step time to go by (the first steps warm caches up)
-        n = min(self.max_steps - step, self.steps_left(step)) if timed else self.max_steps - step
+        n = self.steps_left(step) if timed else self.max_steps - step
         if c is None:
             if n > cooldown_steps(step + n, self.schedule.decay_fraction):
                 return False
