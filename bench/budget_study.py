@@ -14,7 +14,10 @@ CPU (this project's 2-core machine; about 35 minutes of training for budgets 1, 
         --sizes 0,1,2,3 --real
     python bench/budget_study.py report bench/results/budget-cpu --png docs/img/budget-cpu.png
 
-H200 (not run yet: about 4 GPU-hours for 1-30 minutes with 5 sizes around each pick; trim --budgets/--around):
+H200 (not run yet: about 4 GPU-hours for 1-30 minutes with 5 sizes around each pick; trim --budgets/--around),
+and issue 15's acceptance runs (`lmsprint train --train.budget=2m` and the default `lmsprint train`, ~5 minutes):
+
+    PYTHONPATH=src python bench/budget_study.py acceptance --out $OUT/budget-h200-acceptance --budget 2m
 
     PYTHONPATH=src python bench/budget_study.py run --out $OUT/budget-h200-enwiki --recipe fast \\
         --data .data/prep --budgets 1m,2m,5m,10m,30m --around 2 --real
@@ -160,16 +163,17 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
     save(args.out, results)
 
 
-def run_real(args: argparse.Namespace, budget: str, results: dict[str, Any]) -> None:
-    """``lmsprint train --train.budget=B`` in a fresh process: wall time from launch to exit."""
-    run_dir = args.out / "runs" / f"{budget}-planner"
+def run_real(args: argparse.Namespace, budget: str, results: dict[str, Any], *, default: bool = False) -> None:
+    """``lmsprint train --train.budget=B`` in a fresh process (``default``: plain ``lmsprint train``, whose budget
+    is ``auto``): wall time from launch to exit."""
+    run_dir = args.out / "runs" / ("default" if default else f"{budget}-planner")
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lmsprint", "train", *([args.data] if args.data else []),
-           *(["--config", args.recipe] if args.recipe else []), f"--train.budget={budget}",
-           "--model.preset=auto", "--log.progress=false", f"--train.out_dir={run_dir.parent}",
-           f"--train.run_name={run_dir.name}"]
+    how = [] if default else [*(["--config", args.recipe] if args.recipe else []), f"--train.budget={budget}",
+                              "--model.preset=auto"]
+    cmd = [sys.executable, "-m", "lmsprint", "train", *([args.data] if args.data else []), *how,
+           "--log.progress=false", f"--train.out_dir={run_dir.parent}", f"--train.run_name={run_dir.name}"]
     load0 = loadavg()
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **({"OMP_NUM_THREADS": str(args.threads)}
@@ -185,12 +189,13 @@ def run_real(args: argparse.Namespace, budget: str, results: dict[str, Any]) -> 
     summary = recs[-1]
     model = config["model"]
     printed = re.search(r"time: (\S+) of the", proc.stdout)
-    results["real"].append({"budget": budget, "wall": wall, "printed": printed.group(1) if printed else None,
-                            "shape": [model["n_layer"], model["n_head"], model["n_embd"]], "params": plan["params"],
-                            "planned_steps": plan["steps"], "steps": summary["step"], "expected": plan["expected"],
-                            "final": summary["val_loss"], "best": summary["best_val_loss"],
-                            "cooldown_start": summary.get("cooldown_start"), "load_before": load0,
-                            "load_after": loadavg(), "plan": plan, "stdout": proc.stdout[-3000:]})
+    record = {"budget": budget, "wall": wall, "printed": printed.group(1) if printed else None,
+              "shape": [model["n_layer"], model["n_head"], model["n_embd"]], "params": plan["params"],
+              "planned_steps": plan["steps"], "steps": summary["step"], "expected": plan["expected"],
+              "final": summary["val_loss"], "best": summary["best_val_loss"],
+              "cooldown_start": summary.get("cooldown_start"), "load_before": load0, "load_after": loadavg(),
+              "plan": plan, "stdout": proc.stdout[-3000:]}
+    results.setdefault("default" if default else "real", []).append(record)
     print(f"{budget} planner: {wall:.1f}s wall, {model['n_layer']}x{model['n_embd']}, {summary['step']} steps -> "
           f"{summary['val_loss']:.4f}, load {load0:.1f}-{loadavg():.1f}", flush=True)
     save(args.out, results)
@@ -220,6 +225,18 @@ def cmd_run(args: argparse.Namespace) -> None:
                 run_grid_point(args, budget, i, costs[i], results)
         if args.real and not any(r["budget"] == budget for r in results["real"]):
             run_real(args, budget, results)
+
+
+def cmd_acceptance(args: argparse.Namespace) -> None:
+    """Issue 15's acceptance runs: ``lmsprint train --train.budget=B`` ends within B (+-5%) with its cool-down
+    completed, and plain ``lmsprint train`` (the default budget) ends within 0.05 of its best validation loss."""
+    results = load(args.out)
+    run_real(args, args.budget, results)
+    run_real(args, "auto", results, default=True)
+    for r in [*results["real"][-1:], *results.get("default", [])[-1:]]:
+        print(f"{r['budget']}: {r['wall']:.1f}s wall ({r['printed']} printed), {r['steps']} steps, final "
+              f"{r['final']:.4f}, best {r['best']:.4f} (final - best {r['final'] - r['best']:.4f}), cool-down from "
+              f"step {r['cooldown_start']}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -305,12 +322,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="throughput measurements per size (the fastest is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--real", action="store_true", help="also run lmsprint train --train.budget=B for each budget")
+    p = sub.add_parser("acceptance")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget", default="2m")
+    p.add_argument("--data", default=None, help="corpus of the --train.budget run and the default run")
+    p.add_argument("--recipe", default=None, help="recipe of the --train.budget run (default: what lmsprint picks)")
+    p.add_argument("--threads", type=int, default=0)
     p = sub.add_parser("report")
     p.add_argument("dir", type=Path)
     p.add_argument("--png", default=None)
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 5, 10, 20])
     args = parser.parse_args()
-    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    {"run": cmd_run, "report": cmd_report, "acceptance": cmd_acceptance}[args.command](args)
 
 
 if __name__ == "__main__":
