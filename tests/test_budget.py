@@ -22,7 +22,7 @@ from lmsprint.planner import Cost, fit, nearest
 from lmsprint.schedules import default_warmup, lr_multiplier, resolve_schedule
 from lmsprint.training import budget as budget_mod
 from lmsprint.training.api import Callback
-from lmsprint.training.best import find_weights
+from lmsprint.training.best import describe, find_weights
 from lmsprint.training.budget import Budget, Timer, epochs_warning
 from lmsprint.training.metrics import read_metrics
 from lmsprint.training.trainer import resume_config, train
@@ -460,6 +460,7 @@ def test_the_best_checkpoint_keeps_the_lowest_validation_loss(tmp_path: Path, co
     assert all(torch.equal(best_w[k], step_w[k]) for k in step_w)
     _, _, found = load_model(tmp_path / "run")
     assert found == ckpts / "best"
+    assert f"validation loss {losses[best_step]:.4f} at step {best_step}" in describe(found)
     # a resumed run keeps the best it had: a worse evaluation does not replace it
     again = train(tiny_config(corpus, train__steps=25, train__eval_every=5, train__ckpt_every=5,
                               train__keep_checkpoints=10, optim__lr=0.01),

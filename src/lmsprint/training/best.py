@@ -7,6 +7,7 @@ only (its ``state.pt`` has the step and the loss): a resume always continues fro
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -19,12 +20,22 @@ from lmsprint import distributed as D
 from lmsprint.errors import CheckpointError
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.training import checkpoint as ckpt
+from lmsprint.training.metrics import read_metrics
 
 NAME = "best"
 
 
+def _verifies(path: Path) -> bool:
+    try:
+        ckpt.verify(path)
+        return True
+    except CheckpointError:
+        return False
+
+
 def read(path: Path) -> tuple[int, float] | None:
-    """(step, validation loss) of a best checkpoint directory that verifies, else None."""
+    """(step, validation loss) of a best checkpoint directory that verifies, else None (for a resumed run:
+    the loss is in its ``state.pt``, loaded as tensors and plain values only)."""
     try:
         meta = ckpt.verify(path)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -87,14 +98,21 @@ def find_weights(path: Path) -> Path:
     directory) ``best/`` when it verifies, else the newest valid checkpoint."""
     path = Path(path)
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not (path / "meta.json").exists() and read(root / NAME) is not None:
+    if not (path / "meta.json").exists() and _verifies(root / NAME):
         return root / NAME
     return ckpt.find_weights(path)
 
 
 def describe(found: Path) -> str:
-    """Which checkpoint a command used, in words."""
-    if found.name == NAME:
-        step, loss = read(found) or (None, math.nan)
-        return f"the best checkpoint {found} (validation loss {loss:.4f} at step {step})"
-    return f"checkpoint {found}"
+    """Which checkpoint a command used, in words (from its meta.json and the run's metrics.jsonl: nothing is
+    unpickled)."""
+    try:
+        step = json.loads((found / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"checkpoint {found}"
+    if found.name != NAME:
+        return f"checkpoint {found} (step {step})"
+    losses = [r["loss"] for r in read_metrics(found.parent.parent / "metrics.jsonl")
+              if r.get("kind") == "val" and r.get("step") == step]
+    loss = f"validation loss {losses[-1]:.4f} at " if losses else ""
+    return f"the best checkpoint {found} ({loss}step {step})"
