@@ -372,14 +372,14 @@ class Trainer:
 
     def _finish(self, last_loss: float | None) -> TrainResult:
         st, guard, val_loss, best = self.state, self.guard, self.val_loss, self.best
-        budget = {}
+        timing = {}
         if self.budget is not None:
-            budget = {"budget": self.budget.seconds, "used": self.budget.used(),
+            timing = {"budget": self.budget.seconds, "used": self.budget.used(),
                       "cooldown_start": self.budget.cooldown.start if self.budget.cooldown else None}
         self.report.summary(step=st.step, train_loss=last_loss, val_loss=val_loss, train_time=st.train_time,
                             compile_time=self.compile_time, skipped=guard.bad_total, rollbacks=guard.rollbacks,
                             spikes=guard.spikes, tokens=st.tokens_seen, graphs=graphs_compiled() - self._graphs_before,
-                            best_step=best.step, best_val_loss=best.loss if best.step is not None else None, **budget)
+                            best_step=best.step, best_val_loss=best.loss if best.step is not None else None, **timing)
         stopped = self.stop.signum is not None and st.step < self._end_step()  # (a signal on the last step: done)
         return TrainResult(run_dir=self.run_dir, step=st.step, train_loss=last_loss, val_loss=val_loss,
                            interrupted=stopped, skipped_steps=guard.bad_total, rollbacks=guard.rollbacks,
