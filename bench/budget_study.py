@@ -116,7 +116,7 @@ def measure_costs(args: argparse.Namespace, results: dict[str, Any], indices: li
 
 
 def plan_for(args: argparse.Namespace, results: dict[str, Any], costs: list[Any], seconds: float,
-             ratio: float) -> Any:
+             ratio: float, min_steps: int) -> Any:
     from lmsprint import planner
 
     cfg = base_config(args)
@@ -124,7 +124,7 @@ def plan_for(args: argparse.Namespace, results: dict[str, Any], costs: list[Any]
     return planner.plan([lambda c=c: c for c in costs], budget=seconds, spent=STARTUP_S,
                         corpus_tokens=results["machine"]["corpus_tokens"], seq_len=cfg.data.seq_len,
                         batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, ckpt_every=t.ckpt_every,
-                        tokens_per_param=ratio, max_epochs=t.max_epochs)
+                        tokens_per_param=ratio, max_epochs=t.max_epochs, min_steps=min_steps)
 
 
 def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, results: dict[str, Any]) -> None:
@@ -135,9 +135,10 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
     from lmsprint.training.trainer import train
 
     try:
-        p = plan_for(args, results, [cost], parse_duration(budget), 1.0)
+        p = plan_for(args, results, [cost], parse_duration(budget), 1.0, args.min_steps)
     except ValueError as e:  # the size does not fit in the budget at all
-        results["grid"].append({"budget": budget, "size": i, "params": cost.params, "fits": False})
+        results["grid"].append({"budget": budget, "size": i, "params": cost.params, "fits": False,
+                                "min_steps": args.min_steps})
         print(f"{budget} size {i}: does not fit ({e})", flush=True)
         save(args.out, results)
         return
@@ -148,7 +149,7 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
                              *([f"--train.micro_batch_size={p.micro_batch_size}"] if p.micro_batch_size else []),
                              "--schedule.name=wsd", f"--schedule.warmup_steps={default_warmup(p.steps)}",
                              "--train.ckpt_every=0"])
-    run_dir = args.out / "runs" / f"{budget}-size{i}"
+    run_dir = args.out / "runs" / f"{budget}-size{i}-b{p.batch_size}"
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -157,9 +158,9 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
     results["grid"].append({"budget": budget, "size": i, "params": cost.params, "steps": p.steps,
                             "batch": p.batch_size, "tokens": p.tokens, "tokens_per_param": p.tokens_per_param,
                             "final": r.val_loss, "best": r.best_val_loss, "seconds": time.time() - t0,
-                            "load": loadavg()})
-    print(f"{budget} size {i}: {p.steps} steps, {p.tokens_per_param:.1f} tokens/param -> {r.val_loss:.4f} "
-          f"(best {r.best_val_loss:.4f}), {time.time() - t0:.0f}s, load {loadavg():.1f}", flush=True)
+                            "load": loadavg(), "min_steps": args.min_steps})
+    print(f"{budget} size {i}: {p.steps} steps of {p.batch_size}, {p.tokens_per_param:.1f} tokens/param -> "
+          f"{r.val_loss:.4f} (best {r.best_val_loss:.4f}), {time.time() - t0:.0f}s, load {loadavg():.1f}", flush=True)
     save(args.out, results)
 
 
@@ -217,11 +218,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         costs = measure_costs(args, results, list(range(len(ladder()))))  # (measures as the search would not)
         indices = sorted({j for b in budgets for j in range(len(ladder()))
                           if abs(j - plan_for(args, results, [costs[k] for k in sorted(costs)], parse_duration(b),
-                                              args.ratio).size) <= args.around})
+                                              args.ratio, args.min_steps).size) <= args.around})
     costs = measure_costs(args, results, indices)
     for budget in budgets:
         for i in indices:
-            if not any(g["budget"] == budget and g["size"] == i for g in results["grid"]):
+            if not any(g["budget"] == budget and g["size"] == i and g.get("min_steps", 200) == args.min_steps
+                       for g in results["grid"]):
                 run_grid_point(args, budget, i, costs[i], results)
         if args.real and not any(r["budget"] == budget for r in results["real"]):
             run_real(args, budget, results)
@@ -246,32 +248,36 @@ def cmd_report(args: argparse.Namespace) -> None:
     results = load(args.dir)
     costs = {int(i): planner.Cost(**c["cost"]) for i, c in results["costs"].items()}
     indices = sorted(costs)
-    ns = argparse.Namespace(recipe=results["machine"]["recipe"], data=None if results["machine"]["data"] == "stdlib"
-                            else results["machine"]["data"])
-    lines = [f"Machine: {results['machine']['device']}; corpus {results['machine']['corpus_tokens'] / 1e6:.2f}M "
-             f"training tokens; grid plans leave {STARTUP_S:.0f}s of start-up out of each budget.", ""]
+    m = results["machine"]
+    ns = argparse.Namespace(recipe=m["recipe"], data=None if m["data"] == "stdlib" else m["data"])
+    lines = [f"Machine: {m['device']}; corpus {m['corpus_tokens'] / 1e6:.2f}M training tokens; grid plans leave "
+             f"{STARTUP_S:.0f}s of start-up out of each budget; the planner's picks are for its batch rule (halve "
+             f"below {args.min_steps} steps).", ""]
     best_ratios = []
     budgets = sorted({g["budget"] for g in results["grid"]}, key=parse_duration)
     for budget in budgets:
         grid = sorted((g for g in results["grid"] if g["budget"] == budget and g.get("fits", True)),
-                      key=lambda g: g["size"])
+                      key=lambda g: (g["size"], -g["batch"]))
         top = min(grid, key=lambda g: g["final"])
         best_ratios.append(top["tokens_per_param"])
-        picks = {r: plan_for(ns, results, [costs[i] for i in indices], parse_duration(budget), r).size
-                 for r in args.ratios}
-        lines += [f"**{budget}**", "", "| size | params (N) | steps x rows | tokens/param | final val loss | best val "
-                  "loss | picked at tokens/param |", "|---|---:|---:|---:|---:|---:|---|"]
+        picks = {}
+        for r in args.ratios:
+            p = plan_for(ns, results, [costs[i] for i in indices], parse_duration(budget), r, args.min_steps)
+            picks.setdefault((indices[p.size], p.batch_size), []).append(f"{r:g}")
+        lines += [f"**{budget}**", "", "| size | N | steps x rows | tokens/param | final val loss | best val loss | "
+                  "the planner's pick at tokens/param |", "|---|---:|---:|---:|---:|---:|---|"]
         for g in grid:
             shape = results["costs"][str(g["size"])]["shape"]
-            by = ", ".join(f"{r:g}" for r, s in picks.items() if indices[s] == g["size"])
-            mark = " (best)" if g is top else ""
+            by = ", ".join(picks.get((g["size"], g["batch"]), []))
+            mark = " **(best)**" if g is top else ""
             lines.append(f"| {shape[0]}x{shape[2]} | {g['params'] / 1e6:.2f}M | {g['steps']} x {g['batch']} | "
                          f"{g['tokens_per_param']:.1f} | {g['final']:.4f}{mark} | {g['best']:.4f} | {by} |")
         for r in (x for x in results["real"] if x["budget"] == budget):
-            lines.append(f"| planner, `--train.budget={budget}` | {r['params'] / 1e6:.2f}M "
-                         f"({r['shape'][0]}x{r['shape'][2]}) | {r['steps']} (planned {r['planned_steps']}) | | "
-                         f"{r['final']:.4f} | {r['best']:.4f} | wall {r['wall']:.1f}s (expected "
-                         f"{r['expected']:.1f}s), load {r['load_before']:.1f}-{r['load_after']:.1f} |")
+            lines.append(f"| `--train.budget={budget}`: {r['shape'][0]}x{r['shape'][2]} | {r['params'] / 1e6:.2f}M | "
+                         f"{r['steps']} (planned {r['planned_steps']}) x {r['plan'].get('batch', '')} | "
+                         f"{r['plan']['tokens_per_param']:.1f} (planned) | {r['final']:.4f} | {r['best']:.4f} | wall "
+                         f"{r['wall']:.1f}s (plan {r['expected']:.1f}s), load {r['load_before']:.1f}-"
+                         f"{r['load_after']:.1f} |")
         lines.append("")
     geo = math.exp(sum(math.log(x) for x in best_ratios) / len(best_ratios)) if best_ratios else math.nan
     lines.append(f"Tokens per parameter of the best grid point: {', '.join(f'{x:.1f}' for x in best_ratios)} "
@@ -290,8 +296,12 @@ def plot(results: dict[str, Any], budgets: list[str], png: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for k, budget in enumerate(budgets):
-        grid = sorted((g for g in results["grid"] if g["budget"] == budget and g.get("fits", True)),
-                      key=lambda g: g["params"])
+        by_size: dict[int, dict] = {}
+        for g in results["grid"]:
+            if g["budget"] == budget and g.get("fits", True) and (g["size"] not in by_size
+                                                                   or g["final"] < by_size[g["size"]]["final"]):
+                by_size[g["size"]] = g  # each size at its best batch
+        grid = sorted(by_size.values(), key=lambda g: g["params"])
         color = f"C{k}"
         ax.plot([g["params"] for g in grid], [g["final"] for g in grid], "o-", color=color, label=f"grid, {budget}")
         for r in (x for x in results["real"] if x["budget"] == budget):
@@ -322,6 +332,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="throughput measurements per size (the fastest is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--real", action="store_true", help="also run lmsprint train --train.budget=B for each budget")
+    p.add_argument("--min-steps", type=int, default=200, help="the planner's batch rule: halve below this many steps")
     p = sub.add_parser("acceptance")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget", default="2m")
@@ -332,6 +343,7 @@ def main() -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--png", default=None)
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 5, 10, 20])
+    p.add_argument("--min-steps", type=int, default=200, help="the planner's batch rule the picks are for")
     args = parser.parse_args()
     {"run": cmd_run, "report": cmd_report, "acceptance": cmd_acceptance}[args.command](args)
 

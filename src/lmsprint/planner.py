@@ -160,7 +160,7 @@ class Plan:
 
 def plan(costs: Sequence[Callable[[], Cost]], *, budget: float, spent: float, corpus_tokens: int, seq_len: int,
          batch_size: int, micro_batch_size: int | None, ckpt_every: int, tokens_per_param: float,
-         max_epochs: float, start: int = 0) -> Plan:
+         max_epochs: float, start: int = 0, min_steps: int = MIN_STEPS) -> Plan:
     """Pick the size, batch and steps of a run that fits ``budget - spent`` seconds (see the module's rules).
 
     Args:
@@ -172,6 +172,7 @@ def plan(costs: Sequence[Callable[[], Cost]], *, budget: float, spent: float, co
         tokens_per_param: the compute-optimal ratio.
         max_epochs: the most passes over the corpus.
         start: the index to start the search at (a guess from a cheap estimate).
+        min_steps: the batch is halved while the run has fewer steps (and more than MIN_ROWS rows).
 
     Raises:
         ValueError: not even the smallest candidate fits (the message says how long a budget it needs).
@@ -191,7 +192,7 @@ def plan(costs: Sequence[Callable[[], Cost]], *, budget: float, spent: float, co
     size = nearest(len(costs), lambda i: fit_at(i, batch_size).ratio, tokens_per_param, start=start)
     rows, micro = batch_size, micro_batch_size
     best = fit_at(size, rows)
-    while best.steps < MIN_STEPS and rows % 2 == 0 and rows // 2 >= MIN_ROWS:
+    while best.steps < min_steps and rows % 2 == 0 and rows // 2 >= MIN_ROWS:
         halved = fit_at(size, rows // 2)
         if halved.steps < FEWEST_STEPS:
             break

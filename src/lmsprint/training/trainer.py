@@ -336,6 +336,7 @@ class Trainer:
         if self.planned is not None:
             p = self.planned.plan
             self.report.event("plan", budget=p.budget, spent=p.spent, expected=p.expected, steps=p.steps,
+                              batch=p.batch_size, shape=list(self.planned.shape),
                               tokens=p.tokens, epochs=p.epochs, params=p.params, tokens_per_param=p.tokens_per_param,
                               target=p.target, limit=p.limit, breakdown=p.breakdown)
         self.report.line(f"model {self.model.num_params() / 1e6:.2f}M params | {self.total_steps} steps of "
