@@ -142,6 +142,8 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
         print(f"{budget} size {i}: does not fit ({e})", flush=True)
         save(args.out, results)
         return
+    if any(g["budget"] == budget and g["size"] == i and g.get("batch") == p.batch_size for g in results["grid"]):
+        return  # the same run under another batch rule
     shape = ladder()[i]
     cfg = base_config(args, [f"--model.n_layer={shape.n_layer}", f"--model.n_head={shape.n_head}",
                              f"--model.n_embd={shape.n_embd}", "--train.budget=none", f"--train.steps={p.steps}",
