@@ -61,26 +61,20 @@ def assert_same_losses(expected: dict[int, float], got: dict[int, float]) -> Non
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    # the same per-session cache the autouse fixture sets (module fixtures run before it)
-    return {"LMSPRINT_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> tuple[Path, dict[int, float]]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, float]]:
     """A corpus and the per-step losses of an uninterrupted CLI run of CLI_RUN on it."""
     root = tmp_path_factory.mktemp("reliability")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)))
-    proc = run_cli("train", str(corpus), *CLI_RUN, "--train.run_name=reference", cwd=root, env_extra=cli_env)
+    proc = run_cli("train", str(corpus), *CLI_RUN, "--train.run_name=reference", cwd=root)
     assert proc.returncode == 0, proc.stderr
     losses = train_losses(root / "runs" / "reference")
     assert sorted(losses) == list(range(1, STEPS + 1))
     return corpus, losses
 
 
-def start_cli(*args: str, cwd: Path, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **env_extra}
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lmsprint", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -319,10 +313,10 @@ def test_metrics_line_cut_by_a_crash_does_not_swallow_the_next_record(tmp_path: 
 
 
 def test_sigint_checkpoints_at_the_step_boundary_and_resume_finishes_exactly(
-        tmp_path: Path, reference: tuple[Path, dict[int, float]], cli_env: dict[str, str]) -> None:
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     corpus, expected = reference
     run = tmp_path / "runs" / "r"
-    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path)
     wait_for_step(proc, run, 10)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
@@ -336,17 +330,16 @@ def test_sigint_checkpoints_at_the_step_boundary_and_resume_finishes_exactly(
     assert ckpt.verify(run / "checkpoints" / f"step_{step:08d}")["step"] == step
     assert_checkpoints_complete(run)
 
-    done = run_cli("train", "--resume", str(run), cwd=tmp_path, env_extra=cli_env)
+    done = run_cli("train", "--resume", str(run), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in done.stdout
     assert_same_losses(expected, train_losses(run))
 
 
-def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference: tuple[Path, dict[int, float]],
-                                           cli_env: dict[str, str]) -> None:
+def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     corpus, _ = reference
     run = tmp_path / "runs" / "r"
-    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path)
     wait_for_step(proc, run, 5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -358,10 +351,10 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference: tuple[Path
 
 
 def test_second_signal_exits_at_once_without_a_partial_checkpoint(
-        tmp_path: Path, reference: tuple[Path, dict[int, float]], cli_env: dict[str, str]) -> None:
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     corpus, _ = reference
     run = tmp_path / "runs" / "r"
-    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path)
     wait_for_step(proc, run, 5)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)  # the first one is being handled (the step finishing, or its checkpoint being written)
@@ -370,12 +363,12 @@ def test_second_signal_exits_at_once_without_a_partial_checkpoint(
     assert proc.returncode == 130, err
     assert max(train_losses(run)) < STEPS  # it stopped, not ran on to the end
     assert_checkpoints_complete(run)
-    done = run_cli("train", "--resume", str(run), "--train.steps=40", cwd=tmp_path, env_extra=cli_env)
+    done = run_cli("train", "--resume", str(run), "--train.steps=40", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
 
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(
-        tmp_path: Path, reference: tuple[Path, dict[int, float]], cli_env: dict[str, str]) -> None:
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     """The issue's fault test: kill -9 four times (once before the first checkpoint), resume each time."""
     corpus, expected = reference
     run = tmp_path / "runs" / "r"
@@ -383,13 +376,13 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(
     kill_at = [3] + sorted(rng.sample(range(15, STEPS - 20), 3))  # ckpt_every=7: the first lands before any
     for i, step in enumerate(kill_at):
         args = ["--resume", str(run)] if i else [str(corpus), *CLI_RUN, "--train.run_name=r"]
-        proc = start_cli("train", *args, cwd=tmp_path, env_extra=cli_env)
+        proc = start_cli("train", *args, cwd=tmp_path)
         wait_for_step(proc, run, step, resumes=i)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         assert_checkpoints_complete(run)
-    done = run_cli("train", "--resume", str(run), cwd=tmp_path, env_extra=cli_env)
+    done = run_cli("train", "--resume", str(run), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(events(run, "resume")) == len(kill_at)
     assert_same_losses(expected, train_losses(run))

@@ -94,7 +94,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(args.config, overrides).data
     out = prepare(args.source, args.out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                   val_source=cfg.val_source, val_fraction=cfg.val_fraction, text_docs=cfg.text_docs,
-                  workers=cfg.workers, cache_dir=cfg.cache_dir)
+                  workers=cfg.workers)
     meta = load_prepared(out).meta
     print(f"{out}: {meta['train']['tokens']:,} train tokens in {meta['train']['docs']:,} documents, "
           f"{meta['val']['tokens']:,} val tokens in {meta['val']['docs']:,} documents, vocabulary "
