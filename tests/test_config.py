@@ -123,3 +123,16 @@ def test_every_field_is_documented() -> None:
         for f in fields(cls):
             assert docs.get(f.name), f"{section}.{f.name} has no docstring"
     assert any("--optim.lr" in line for line in help_lines())
+
+
+def test_help_config_of_a_recipe_shows_and_checks_its_values(capsys: pytest.CaptureFixture) -> None:
+    from lmsprint.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "fast", "--help-config"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("(defaults: --config fast)\n")
+    assert "  --model.preset str (default 'gpt2-124m')" in out.splitlines()  # the recipe's, not the dataclass's
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "nosuch", "--help-config"])
+    assert e.value.code == 2 and "config 'nosuch' not found" in capsys.readouterr().err

@@ -331,9 +331,10 @@ def main(argv: list[str] | None = None) -> None:
                 "data": cmd_data, "export": cmd_export, "compare": cmd_compare}
     try:
         if getattr(args, "help_config", False):
-            from lmsprint.config import help_lines
+            from lmsprint.config import build_config, help_lines
 
-            print("\n".join(help_lines()))
+            values = build_config(args.config, overrides) if args.config else None  # a recipe's values, loaded
+            print("\n".join(([f"(defaults: --config {args.config})"] if values else []) + help_lines(values)))
             sys.exit(0)
         sys.exit(handlers[args.command](args, overrides))
     except LmsprintError as e:

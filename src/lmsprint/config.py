@@ -640,10 +640,11 @@ def validate(cfg: RunConfig) -> None:
     _check(g.max_rollbacks >= 0, f"--guard.max_rollbacks must be >= 0, got {g.max_rollbacks}")
 
 
-def help_lines() -> list[str]:
-    """``--section.key TYPE (default X): doc`` for every field, for ``lmsprint train --help``."""
+def help_lines(values: RunConfig | None = None) -> list[str]:
+    """``--section.key TYPE (default X): doc`` for every field, for ``lmsprint train --help-config``; the defaults
+    are ``values`` (a recipe's, with ``--config``) or the dataclass defaults."""
     out: list[str] = []
-    defaults = RunConfig()
+    defaults = values or RunConfig()
     for section, cls in SECTIONS.items():
         docs = field_docs(cls)
         out.append(f"[{section}] {inspect.getdoc(cls)}")
