@@ -16,6 +16,8 @@ from typing import NoReturn
 from lmsprint.config import join_spaced_overrides
 from lmsprint.errors import ConfigError, LmsprintError
 
+MIN_TEMPERATURE = 1e-3
+
 
 def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
     """No --config: the fast recipe on a GPU, the dataclass defaults (tiny, CPU-sized) elsewhere."""
@@ -111,6 +113,15 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
             raise LmsprintError(f"{flag} must be at least {low}, got {value}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise LmsprintError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if 0 < args.temperature < MIN_TEMPERATURE:  # the logits / temperature would overflow float32
+        raise LmsprintError(f"--temperature {args.temperature:g} is below {MIN_TEMPERATURE:g}, where sampling is "
+                            "greedy anyway; use --temperature 0")
+    if not 0 <= args.seed < 2**64:
+        raise LmsprintError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise LmsprintError("--prompt is not valid UTF-8 text; pass UTF-8") from None
     import torch
 
     try:
@@ -175,7 +186,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
 
     _no_overrides("compare", overrides)
     png = Path(args.png) if args.png else None
-    print(compare(args.runs, target=args.target, png=png))
+    print(compare(args.runs, target=args.target, png=png, warn=lambda message: print(message, file=sys.stderr)))
     if png:
         print(f"\nplot: {png}")
     return 0
@@ -244,15 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     _add_config_args(p)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", help="generate text from a trained run",
+                       description="Continue a prompt with the newest valid checkpoint of a run; each sample ends "
+                       "where the model ends the document, or after --tokens tokens.")
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num", type=int, default=1, help="number of samples")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, a new document)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits: lower is more conservative; 0 = greedy, else at least "
+                   f"{MIN_TEMPERATURE:g} (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k most likely tokens, 0 = all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed, 0 to 2**64 - 1: the same seed gives the same samples (default: %(default)s)")
+    p.add_argument("--num", type=int, default=1, help="number of samples (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
 
     p = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
     _add_config_args(p)

@@ -1,10 +1,40 @@
-"""Figures: a run's loss curves. matplotlib is imported inside the functions (Agg backend, no display)."""
+"""Figures: a run's loss curves, and where figures may be written. matplotlib is imported inside the functions
+(Agg backend, no display)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from lmsprint.training.metrics import read_metrics
+from lmsprint.errors import LmsprintError
+from lmsprint.training.metrics import latest_per_step, read_metrics
+
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """``path``, if its suffix names a figure format; checked before any work, so that a typo costs nothing.
+
+    Raises:
+        LmsprintError: the suffix is not one of :data:`FIGURE_SUFFIXES`.
+    """
+    if Path(path).suffix.lower() not in FIGURE_SUFFIXES:
+        raise LmsprintError(f"--png {path}: give a file name ending in {', '.join(FIGURE_SUFFIXES)}")
+    return Path(path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure to ``path`` (its directory created).
+
+    Raises:
+        LmsprintError: ``path`` cannot be written.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise LmsprintError(f"cannot write {path} ({e.strerror or e}); pass another --png") from None
+    return path
 
 
 def _pyplot():  # noqa: ANN202
@@ -16,21 +46,11 @@ def _pyplot():  # noqa: ANN202
     return plt
 
 
-def _last_attempt(records: list[dict]) -> list[dict]:
-    """Records in step order, those of steps a resume or rollback logged again replaced by the later ones."""
-    out: list[dict] = []
-    for r in records:
-        while out and out[-1]["step"] >= r["step"]:
-            out.pop()
-        out.append(r)
-    return out
-
-
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw train/val loss and the learning rate against steps to ``RUN/loss.png``."""
     records = read_metrics(run_dir / "metrics.jsonl")
-    train = _last_attempt([r for r in records if r["kind"] == "train"])
-    val = _last_attempt([r for r in records if r["kind"] == "val"])
+    train = latest_per_step([r for r in records if r["kind"] == "train"])
+    val = latest_per_step([r for r in records if r["kind"] == "val"])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
@@ -38,15 +58,16 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss", ms=3)
     for r in records:
-        if r["kind"] == "event" and r.get("event") == "rollback":
+        if r["kind"] == "event" and r.get("event") == "rollback" and "step" in r:
             ax.axvline(r["step"], color="red", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
-    if train and any("lr" in r for r in train):
+    lr = [(r["step"], r["lr"]) for r in train if "lr" in r]
+    if lr:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", ls="--", lw=1, label="lr")
+        ax2.plot(*zip(*lr), color="gray", ls="--", lw=1, label="lr")
         ax2.set_ylabel("learning rate")
         lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")

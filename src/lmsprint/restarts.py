@@ -139,7 +139,7 @@ def _read_curve(run: RestartRun) -> list[tuple[int, float]]:
     for r in read_metrics(run.run_dir / "metrics.jsonl"):
         if r["kind"] == "val":
             curve[int(r["step"])] = float(r["loss"])  # a step evaluated again after a rollback: the last counts
-        elif r["kind"] == "event" and r.get("event") == "rollback":
+        elif r["kind"] == "event" and r.get("event") == "rollback" and "step" in r:
             curve = {s: v for s, v in curve.items() if s <= int(r["step"])}
     return sorted(curve.items())
 

@@ -31,10 +31,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 def sample(path: str | Path, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 50, seed: int = 0, num_samples: int = 1, device: str = "cpu") -> list[str]:
     """Generate ``num_samples`` texts: ``prompt`` followed by its continuation (an empty prompt starts a new
-    document), each cut at the end-of-document token."""
+    document), each cut where the model ends the document. ``<|endoftext|>`` written in the prompt is text."""
     model, tok, _ = load_model(path, device)
-    ids = [tok.eot_id] + tok.encode(prompt)
+    prompt_ids = tok.encode(prompt)
+    ids = [tok.eot_id] + prompt_ids
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return [tok.decode(row[1:].tolist()).split(tok.eot_token)[0] for row in out]
+    texts = []
+    for row in out[:, len(ids) :].tolist():
+        new = row[: row.index(tok.eot_id)] if tok.eot_id in row else row  # cut at the generated end of document
+        texts.append(tok.decode(prompt_ids + new))
+    return texts

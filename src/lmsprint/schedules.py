@@ -424,6 +424,10 @@ def schedule_report(
     Raises:
         ConfigError: The settings do not fit the run (see :func:`resolve_schedule`) or a step is negative.
     """
+    from lmsprint.plots import check_figure_path, save_figure
+
+    if png is not None:
+        check_figure_path(png)
     main = resolve_schedule(cfg, total_steps=total_steps, peak_lr=peak_lr)
     if compare:
         # same warm-up and floor for every shape; wsd uses the configured cool-down, and is left out when
@@ -456,11 +460,12 @@ def schedule_report(
     table = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
     if png is not None:
-        _draw(scheds, main, peak_lr=peak_lr, steps=steps, path=Path(png))
+        save_figure(_figure(scheds, main, peak_lr=peak_lr, steps=steps), Path(png))
     return f"{header}\n{table}"
 
 
-def _draw(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float, steps: list[int], path: Path) -> None:
+def _figure(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float, steps: list[int]) -> Any:
+    """The schedule plot (a matplotlib Figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: headless, no pyplot global state
     from matplotlib.figure import Figure
 
@@ -478,13 +483,15 @@ def _draw(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float, steps:
     if len(scheds) == 1:
         ax.plot(steps, [peak_lr * main(s) for s in steps], "o", color="black", ms=4, label="tabulated steps")
     if main.warmup > 0:
-        ax.axvline(main.warmup, color="grey", ls=":", lw=1)
-        ax.annotate("end of warm-up ", (main.warmup, 0.5 * peak_lr), fontsize=8, color="grey", rotation=90,
-                    ha="right", va="center")
+        ax.axvline(main.warmup, color="grey", ls=":", lw=1, gid="warm-up")
+        # above the peak, where no curve goes (every multiplier is at most 1), on the side of the line with room
+        right = main.warmup < total / 2
+        ax.annotate(" end of warm-up " if right else "end of warm-up ", (main.warmup, 1.08 * peak_lr), fontsize=8,
+                    color="grey", ha="left" if right else "right", va="center")
     floor = min(fn.floor for fn in scheds.values()) * peak_lr  # constant's "floor" is its peak
     ax.axhline(floor, color="grey", ls="--", lw=0.8, label="floor")
     ax.set_xlim(0, total)
-    ax.set_ylim(0, peak_lr * 1.05)
+    ax.set_ylim(0, peak_lr * 1.15)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     what = "decay shapes compared" if len(scheds) > 1 else f"{names[main.shape]} schedule"
@@ -492,5 +499,4 @@ def _draw(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float, steps:
                  f"peak {peak_lr:.3g}, floor {floor:.3g}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: never hides a curve
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    return fig

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmsprint.data.sources import cache_root
-from lmsprint.errors import ConfigError
+from lmsprint.errors import ConfigError, LmsprintError
 
 
 class MetricsLog:
@@ -51,16 +52,69 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl (a line cut short by a crash is skipped)."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+_NUMBERS = ("loss", "lr", "time", "tokens", "tokens_per_s", "mfu", "grad_norm")
+"""Fields that readers do arithmetic on: a record that has one must hold a number there."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The record a line holds, or None if it holds none: not UTF-8, not JSON, or not shaped like a record (a
+    ``kind``; an integer ``step``; numbers where readers expect them; a step and a loss in train and val records)."""
+    try:
+        r = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or a number too long to convert
+        return None
+    if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
+        return None
+    if ("step" in r and not _is_int(r["step"])) or (r["kind"] in ("train", "val") and ("step" not in r or
+                                                                                      "loss" not in r)):
+        return None
+    return r if all(_is_number(r[k]) for k in _NUMBERS if k in r) else None
+
+
+def read_metrics(path: Path, *, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: the one reader of these files (compare, plots, bench, restarts).
+
+    A line that holds no well-formed record (one cut short by a crash, a damaged or hand-edited one) is skipped;
+    ``warn``, if given, is told once how many were skipped. A missing file has no records.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise LmsprintError(f"cannot read {path} ({e.strerror or e}); check the run directory") from None
+    out, bad = [], []
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
             continue
+        record = _record(line)
+        if record is None:
+            bad.append(lineno)
+        else:
+            out.append(record)
+    if bad and warn is not None:
+        what = "line of {} that holds" if len(bad) == 1 else "lines of {} that hold"
+        warn(f"warning: skipped {len(bad)} {what.format(path)} no metrics record (line {bad[0]}"
+             f"{', ...' if len(bad) > 1 else ''})")
+    return out
+
+
+def latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in step order, without those a resume or rollback superseded: a step logged again replaces its
+    earlier record and every record after that."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        while out and out[-1]["step"] >= r["step"]:
+            out.pop()
+        out.append(r)
     return out
 
 
