@@ -12,13 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_docs, run_cli, tiny_config
+from conftest import make_docs, run_cli, screen_lines, tiny_config
 
 from lmsprint.config import ModelConfig
 from lmsprint.errors import CheckpointError
@@ -365,6 +366,47 @@ def test_second_signal_exits_at_once_without_a_partial_checkpoint(
     assert_checkpoints_complete(run)
     done = run_cli("train", "--resume", str(run), "--train.steps=40", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+def test_sigint_under_a_progress_bar_is_announced_on_its_own_line_and_reported_once(
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
+    corpus, _ = reference
+    run = tmp_path / "runs" / "r"
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--log.progress=true", "--train.run_name=r", cwd=tmp_path)
+    wait_for_step(proc, run, 10)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    step = events(run, "interrupted")[0]["step"]
+    shown = screen_lines(out) + screen_lines(err)
+    assert "stopping: checkpointing at the end of this step (signal again to stop at once)" in shown, err
+    assert [line for line in shown if "stopped" in line] == [f"stopped at step {step}; continue with: lmsprint "
+                                                            "train --resume runs/r"], shown
+
+
+def test_two_signals_that_python_handles_as_one_stop_at_once(tmp_path: Path, corpus: Path) -> None:
+    """A second Ctrl-C soon after the first, while a step's kernels run: Python calls its handler once for both
+    signals, which must still stop the run at once (KeyboardInterrupt), not at the next step boundary."""
+
+    class TwoSignals(Callback):
+        def on_grads(self, step: int, model: torch.nn.Module) -> None:
+            if step == 3:
+                sent = threading.Event()
+
+                def send() -> None:  # delivered to this helper thread: the main thread runs no handler meanwhile
+                    for _ in range(2):
+                        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                    sent.set()
+
+                threading.Thread(target=send).start()
+                sent.wait()
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus, train__steps=10, train__ckpt_every=2), run_dir=run, callbacks=[TwoSignals()])
+    assert not events(run, "interrupted")
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.set_wakeup_fd(-1) == -1
 
 
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(

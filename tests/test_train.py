@@ -247,3 +247,16 @@ def implied_flops_per_token(record: dict) -> float:
     slots_per_s = record["tokens_per_s"] / (1 - record["waste"])
     return record["mfu"] * 1e12 / slots_per_s
 
+
+
+def test_out_dir_expands_the_home_directory(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--train.out_dir=~/runs means the home directory's runs/, as --data.source=~/... does; no literal '~'."""
+    from lmsprint.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(corpus), *TINY, "--train.out_dir=~/runs", "--train.run_name=r", "--sample=0",
+              "--log.plot=false"])
+    assert e.value.code == 0
+    assert (tmp_path / "home" / "runs" / "r" / "config.toml").exists() and not (tmp_path / "~").exists()

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = _with_data(args, overrides)
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = Path(args.resume).expanduser()
         cfg = resume_config(run_dir, overrides)
     else:
         cfg = build_config(_recipe_default(args.config, overrides), overrides)

@@ -171,7 +171,7 @@ def micro_batch_rows(t: Any, world: int) -> int:
 
 def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.train.out_dir) / name
+    return Path(cfg.train.out_dir).expanduser() / name  # ~ expanded, as in --data.source
 
 
 def _graphs_compiled() -> int:
@@ -474,8 +474,10 @@ class Trainer:
         self.guard.after_rollback()
         g = self.cfg.guard
         if self.guard.rollbacks > g.max_rollbacks:
+            clip = self.cfg.train.clip_norm
+            advice = f"lower --train.clip_norm (now {clip:g})" if clip > 0 else "enable --train.clip_norm"
             raise TrainingDiverged(f"training diverged: more than {g.max_rollbacks} rollbacks; lower --optim.lr, "
-                                   "enable --train.clip_norm or raise --guard.max_rollbacks")
+                                   f"{advice} or raise --guard.max_rollbacks")
         self.lr_scale *= g.rollback_lr_factor
         # the newest checkpoint whose weights passed the guard: one saved just before the failure may hold the
         # weights that failed (its step is judged only after it is written)
@@ -580,26 +582,45 @@ class Trainer:
 
     def _install_signals(self) -> Callable[[], None]:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Python runs a handler only between bytecodes: two signals that arrive while a step's kernels run reach
+        # it as one call. Each delivery also writes its number to the wakeup pipe, which counts them.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        received = 0
 
         def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:  # second signal: stop now
+            nonlocal received
+            with contextlib.suppress(BlockingIOError):
+                received += sum(b in previous for b in os.read(wake_r, 64))
+            received = max(received, 1 if self._stop_signal is None else 2)
+            if received >= 2:  # a second signal: stop now
                 signal.signal(signum, signal.SIG_DFL)
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            if self.dist.is_main:  # os.write: print() may be mid-write to the same stream (a reentrant-call error)
-                with contextlib.suppress(OSError, ValueError):
-                    os.write(sys.stderr.fileno(), b"stopping: checkpointing at the end of this step "
-                                                  b"(signal again to stop at once)\n")
+            if self.dist.is_main:
+                message = "stopping: checkpointing at the end of this step (signal again to stop at once)"
+                try:
+                    tqdm.write(message, file=sys.stderr)  # on a line of its own, the progress bar redrawn below
+                except (RuntimeError, OSError, ValueError):  # the signal came mid-write to stderr (a reentrant call)
+                    with contextlib.suppress(OSError, ValueError):
+                        os.write(sys.stderr.fileno(), f"\n{message}\n".encode())
 
         try:
             for s in previous:
                 signal.signal(s, handler)
+            wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         except ValueError:  # not the main thread
+            os.close(wake_r)
+            os.close(wake_w)
             return lambda: None
 
         def restore() -> None:
+            signal.set_wakeup_fd(wakeup)
             for s, h in previous.items():
                 signal.signal(s, h)
+            os.close(wake_r)
+            os.close(wake_w)
 
         return restore
 
@@ -839,8 +860,7 @@ class Trainer:
                         if self.metrics:
                             self.metrics.write("event", event="stopped", step=self.step)
                     break
-                if stop:
-                    self.log_line(f"stopped by signal at step {self.step}; resume with --resume")
+                if stop:  # (the CLI says where it stopped and how to continue)
                     if self.metrics:
                         self.metrics.write("event", event="interrupted", step=self.step)
                     break
