@@ -86,6 +86,8 @@ BAD_LINES = {
     "not-utf8": b'{"kind": "val", "step": 2, "loss": 1.0, "note": "\xff\xfe"}',
     "tokens-a-string": b'{"kind": "val", "step": 2, "loss": 1.0, "tokens": "many", "time": 2.0}',
     "huge-integer": b"7" * 5000,
+    "loss-beyond-float32": b'{"kind": "val", "step": 2, "loss": 1e308, "tokens": 20, "time": 2.0}',
+    "step-beyond-int64": b'{"kind": "val", "step": 9223372036854775808, "loss": 1.0, "tokens": 20, "time": 2.0}',
 }
 
 
@@ -105,6 +107,15 @@ def test_compare_skips_a_malformed_metrics_line_with_one_warning(tmp_path: Path,
     assert err.splitlines() == [f"warning: skipped 1 line of {run / 'metrics.jsonl'} that holds no metrics record "
                                 "(line 2)"]
     assert "| a | 2.0000 | 2.0000 |" in out
+
+
+@pytest.mark.filterwarnings("error")
+def test_one_huge_loss_is_plotted_without_warnings(tmp_path: Path) -> None:
+    """A single validation loss whose float cannot show a +-0.05 margin: the axis gets a margin it can show."""
+    run = _write_metrics(tmp_path / "r", [{"kind": "val", "step": 1, "loss": 880270964658496.0, "tokens": 1,
+                                           "time": 1.0}])
+    compare([run], png=tmp_path / "c.png")
+    assert (tmp_path / "c.png").exists()
 
 
 def test_not_a_run_directory(tmp_path: Path) -> None:

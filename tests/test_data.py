@@ -268,6 +268,9 @@ def test_odd_json_lines(tmp_path: Path) -> None:
     path.write_text("7" * 5000 + "\n")
     with pytest.raises(DataError, match="c.jsonl line 1 has no 'text' string field"):
         _docs(path)
+    path.write_text('{"text": "cut", "id": ' + "7" * 5000 + ",\n")
+    with pytest.raises(DataError, match="c.jsonl line 1 is not valid JSON"):
+        _docs(path)
     # a lone surrogate is no character (UTF-8 cannot hold it): replaced, as a decoder would, so BPE can train
     path.write_text('{"text": "a \\ud800 b \\ud83d\\ude00"}\n{"text": "two"}\n')
     docs = _docs(path)

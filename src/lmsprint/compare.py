@@ -155,36 +155,36 @@ def plot(runs: Sequence[Run], png: str | Path, *, target: float | None = None) -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    axes_x = (("step", "step"), ("tokens", "tokens"), ("time", "training time (s, evaluation excluded)"))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, r in enumerate(runs):
-        color = colors[i % len(colors)]
-        for ax, (key, _) in zip(axes, axes_x):
-            train = [(x[key], x["loss"]) for x in r.train if key in x]
-            if train:
-                ax.plot(*zip(*train), color=color, lw=0.8, alpha=0.35)
-            val = r.val_points(key)
-            if val:
-                ax.plot(*zip(*val), "o-", color=color, ms=3, lw=1.5, label=r.name)
-    for ax, (_, label) in zip(axes, axes_x):
-        if target is not None:
-            ax.axhline(target, color="gray", ls=":", lw=1)
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss")
-    # the first training steps (loss ~ ln vocab) would squash the curves: scale to the validation losses
-    losses = [float(v["loss"]) for r in runs for v in r.val if math.isfinite(v["loss"])]
-    losses += [float(x["loss"]) for r in runs for x in r.train[len(r.train) // 10:] if math.isfinite(x["loss"])]
-    if losses:
-        lo, hi = min(losses), max(losses)
-        pad = 0.05 * (hi - lo) or 0.05
-        axes[0].set_ylim(lo - pad, hi + pad)
-    if any(r.val for r in runs):
-        axes[0].legend(loc="upper right", fontsize="small")
-    suffix = "" if target is None else f"; dotted: target {target:.4f}"
-    fig.suptitle(f"validation loss (markers) and training loss (faint){suffix}")
-    fig.tight_layout()
     try:
+        axes_x = (("step", "step"), ("tokens", "tokens"), ("time", "training time (s, evaluation excluded)"))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, r in enumerate(runs):
+            color = colors[i % len(colors)]
+            for ax, (key, _) in zip(axes, axes_x):
+                train = [(x[key], x["loss"]) for x in r.train if key in x]
+                if train:
+                    ax.plot(*zip(*train), color=color, lw=0.8, alpha=0.35)
+                val = r.val_points(key)
+                if val:
+                    ax.plot(*zip(*val), "o-", color=color, ms=3, lw=1.5, label=r.name)
+        for ax, (_, label) in zip(axes, axes_x):
+            if target is not None:
+                ax.axhline(target, color="gray", ls=":", lw=1)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("loss")
+        # the first training steps (loss ~ ln vocab) would squash the curves: scale to the validation losses
+        losses = [float(v["loss"]) for r in runs for v in r.val if math.isfinite(v["loss"])]
+        losses += [float(x["loss"]) for r in runs for x in r.train[len(r.train) // 10:] if math.isfinite(x["loss"])]
+        if losses:
+            lo, hi = min(losses), max(losses)
+            pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1.0)  # one value: a margin that its float can show
+            axes[0].set_ylim(lo - pad, hi + pad)
+        if any(r.val for r in runs):
+            axes[0].legend(loc="upper right", fontsize="small")
+        suffix = "" if target is None else f"; dotted: target {target:.4f}"
+        fig.suptitle(f"validation loss (markers) and training loss (faint){suffix}")
+        fig.tight_layout()
         return save_figure(fig, Path(png))
     finally:
         plt.close(fig)

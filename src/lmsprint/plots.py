@@ -53,31 +53,33 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     val = latest_per_step([r for r in records if r["kind"] == "val"])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1, alpha=0.8)
-    if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss", ms=3)
-    for r in records:
-        if r["kind"] == "event" and r.get("event") == "rollback" and "step" in r:
-            ax.axvline(r["step"], color="red", ls=":", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    lr = [(r["step"], r["lr"]) for r in train if "lr" in r]
-    if lr:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*lr), color="gray", ls="--", lw=1, label="lr")
-        ax2.set_ylabel("learning rate")
-        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
-    else:
-        ax.legend(loc="upper right")
-    fig.tight_layout()
-    out = out or run_dir / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    try:
+        if train:
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1, alpha=0.8)
+        if val:
+            ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss", ms=3)
+        for r in records:
+            if r["kind"] == "event" and r.get("event") == "rollback" and "step" in r:
+                ax.axvline(r["step"], color="red", ls=":", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(run_dir.name)
+        ax.grid(alpha=0.3)
+        lines = ax.get_legend_handles_labels()[0]
+        lr = [(r["step"], r["lr"]) for r in train if "lr" in r]
+        if lr:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*lr), color="gray", ls="--", lw=1, label="lr")
+            ax2.set_ylabel("learning rate")
+            lines += ax2.get_legend_handles_labels()[0]
+        if lines:
+            ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+        fig.tight_layout()
+        out = out or run_dir / "loss.png"
+        fig.savefig(out, dpi=110)
+        return out
+    finally:
+        plt.close(fig)
 
 
 def plot_restarts(curves: list[tuple[str, list[tuple[int, float]], bool, bool]], out: Path, *,

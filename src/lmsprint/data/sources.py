@@ -284,14 +284,17 @@ def _docs_from_text(path: Path, mode: str, progress: ProgressFn | None) -> Itera
 
 def _json_line(path: Path, lineno: int, line: str) -> Any:
     try:
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            if isinstance(e, json.JSONDecodeError):
+                raise
+            return json.loads(line, parse_int=str)  # an integer longer than Python converts (4300 digits): not text
     except RecursionError:
         raise DataError(f"{path} line {lineno} is nested too deeply to read as JSON; each line must be one JSON "
                         'object like {"text": "..."}') from None
     except json.JSONDecodeError:
         raise DataError(f"{path} line {lineno} is not valid JSON; each line must be one JSON object") from None
-    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits): not text
-        return json.loads(line, parse_int=str)
 
 
 def _docs_from_jsonl(path: Path, progress: ProgressFn | None) -> Iterator[str]:

@@ -54,14 +54,17 @@ class MetricsLog:
 
 _NUMBERS = ("loss", "lr", "time", "tokens", "tokens_per_s", "mfu", "grad_norm")
 """Fields that readers do arithmetic on: a record that has one must hold a number there."""
+_LARGEST = 3.4e38  # float32's largest: what a run can log (a loss, a norm); beyond it a number is damage
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """An int or float a plot can take: NaN and infinities (a diverged loss), or at most float32's largest."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        not isinstance(v, int) and not math.isfinite(v) or abs(v) <= _LARGEST)
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
