@@ -55,16 +55,16 @@ def run(cmd: list[str], *, env: dict | None = None, timeout: int = 600) -> tuple
     return proc.returncode, tail, dt
 
 
+def steady(records: list[dict], key: str) -> float | None:
+    from lmsprint.training.metrics import steady as steady_value  # the median after the warm-up windows
+
+    return steady_value(records, key)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     from lmsprint.training.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
-
-
-def steady(records: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in records if r["kind"] == "train" and key in r]
-    vals = vals[len(vals) // 3 :]
-    return sorted(vals)[len(vals) // 2] if vals else None
 
 
 def phase_prepare(args: argparse.Namespace, out: Path) -> None:

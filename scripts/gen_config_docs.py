@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lmsprint.config import SECTIONS, RunConfig, _type_name, field_docs
+from lmsprint.config import SECTIONS, RunConfig, field_docs, type_name
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 COMMAND = "python scripts/gen_config_docs.py"
@@ -73,7 +73,7 @@ def render() -> str:
                   "| key | type | default | description |", "|---|---|---|---|"]
         for f in fields(cls):
             default = getattr(getattr(defaults, section), f.name)
-            lines.append(f"| `{section}.{f.name}` | {_cell(_type_name(hints[f.name]))} | {_cell(_default(default))} | "
+            lines.append(f"| `{section}.{f.name}` | {_cell(type_name(hints[f.name]))} | {_cell(_default(default))} | "
                          f"{_cell(docs.get(f.name, ''))} |")
         lines.append("")
     return "\n".join(lines)

@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny tensors gain nothing from more (they stall when other jobs share the cores), and
+    the sums inside the matmuls, so the losses, do not depend on the core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Prepared data (and matplotlib's font cache) go to per-session temporary directories, never ~/.cache;

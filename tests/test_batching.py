@@ -172,7 +172,7 @@ def test_short_mix_after_curriculum(stream: TokenStream) -> None:
     assert 4 < int((longest == 15).sum()) < 28
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "random"])
 def test_loader_resume_is_exact(stream: TokenStream, strategy: str) -> None:
     def make() -> Loader:
         return Loader(stream, strategy=strategy, seq_len=64, batch_rows=4, micro_rows=4, seed=5)
@@ -309,3 +309,34 @@ def test_resume_mid_curriculum_is_exact(stream: TokenStream, strategy: str) -> N
                     assert t1 is not None and t2 is not None and torch.equal(t1, t2)
     other = make(seed=6).next(0).micro[0].inputs
     assert not torch.equal(other, expected[0].micro[0].inputs)  # the seed sets the shuffle
+
+
+def test_random_rows_are_nanogpt_windows(stream: TokenStream) -> None:
+    """random: each row is stream[i:i+T] with targets stream[i+1:i+T+1], i uniform in [0, n - T) (nanoGPT's
+    get_batch), as many rows per epoch as pack, a new draw every epoch, the same draw for the same seed."""
+    T = 64
+    plan = epoch_plan(stream, "random", T, seed=1, epoch=0)
+    assert plan.n_rows == epoch_plan(stream, "pack", T, seed=1, epoch=0).n_rows
+    assert (plan.span_len == T).all() and plan.span_start.min() >= 0
+    assert plan.span_start.max() < stream.n_tokens - T
+    again = epoch_plan(stream, "random", T, seed=1, epoch=0)
+    assert np.array_equal(plan.span_start, again.span_start)
+    assert not np.array_equal(plan.span_start, epoch_plan(stream, "random", T, seed=1, epoch=1).span_start)
+    loader = Loader(stream, strategy="random", seq_len=T, batch_rows=4, micro_rows=4, seed=1)
+    batch = loader.next(0)
+    assert batch.n_targets == batch.n_tokens == 4 * T  # every window has all its targets
+    for row, start in zip(batch.micro[0].inputs, plan.span_start[:4]):
+        assert torch.equal(row, torch.from_numpy(stream.read(int(start), T)))
+    targets = batch.micro[0].targets
+    assert torch.equal(targets[0], torch.from_numpy(stream.read(int(plan.span_start[0]) + 1, T)))
+    # over many epochs the starts cover the whole allowed range, the last allowed start included
+    starts = np.concatenate([epoch_plan(stream, "random", T, seed=2, epoch=e).span_start for e in range(200)])
+    assert starts.min() == 0 and starts.max() == stream.n_tokens - T - 1
+
+
+def test_random_rows_need_a_window(tmp_path: Path) -> None:
+    from lmsprint.errors import DataError
+
+    write_shard(tmp_path / "tiny.bin", [np.arange(1, 50)], vocab_size=100, eot_id=0)
+    with pytest.raises(DataError, match="batching=random"):
+        epoch_plan(TokenStream([read_shard(tmp_path / "tiny.bin")]), "random", 64, seed=0, epoch=0)

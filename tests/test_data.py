@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_docs, tiny_config
 
+from lmsprint.config import DataConfig
 from lmsprint.data import sources
 from lmsprint.data.batching import STRATEGIES
 from lmsprint.data.prepare import load_prepared, prepare, prepared_data
@@ -154,10 +155,10 @@ def test_prepare_keeps_every_token_once(tmp_path: Path, corpus: Path, tokenizer:
 
 
 def test_prepared_cache_is_reused(corpus: Path) -> None:
-    a = prepared_data(str(corpus), tokenizer="byte", progress=False)
-    b = prepared_data(str(corpus), tokenizer="byte", progress=False)
+    a = prepared_data(DataConfig(str(corpus), tokenizer="byte"), progress=False)
+    b = prepared_data(DataConfig(str(corpus), tokenizer="byte"), progress=False)
     assert a.path == b.path
-    c = prepared_data(str(a.path))  # a prepared directory opens directly
+    c = prepared_data(DataConfig(str(a.path)))  # a prepared directory opens directly
     assert c.path == a.path
 
 

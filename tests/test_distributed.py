@@ -24,7 +24,9 @@ from conftest import make_docs
 from torch import nn
 
 from lmsprint import distributed as D
-from lmsprint.config import build_config
+from lmsprint.config import DataConfig, build_config
+from lmsprint.optim import spread as S
+from lmsprint.training.checkpointer import load_sharded, save_sharded
 from lmsprint.training.metrics import read_metrics
 from lmsprint.training.trainer import resume_config, train
 
@@ -208,7 +210,7 @@ def _train_params(name: str, layout: str) -> list[torch.Tensor]:
         for p, g in zip(params, _tensors(shapes, 100 + step)):
             p.grad = distribute_tensor(g, p.device_mesh, p.placements) if layout == "fsdp" else g
         opt.step()
-    return [D.full(p.detach()).clone() for p in params]
+    return [S.full(p.detach()).clone() for p in params]
 
 
 def _optimizer_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -255,7 +257,8 @@ def test_ranks_read_disjoint_rows_with_one_shared_state(tmp_path: Path) -> None:
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(40)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMSPRINT_CACHE", str(tmp_path / "cache"))
-        stream = TokenStream(prepared_data(str(corpus), tokenizer="byte", val_fraction=0.1, progress=False).train)
+        data = prepared_data(DataConfig(str(corpus), tokenizer="byte", val_fraction=0.1), progress=False)
+        stream = TokenStream(data.train)
     kw = dict(strategy="pack", seq_len=16, batch_rows=8, micro_rows=2, seed=3)
     one = Loader(stream, rank=0, world=1, **kw)
     ranks = [Loader(stream, rank=r, world=2, **kw) for r in range(2)]
@@ -277,10 +280,10 @@ def test_ranks_read_disjoint_rows_with_one_shared_state(tmp_path: Path) -> None:
 
 def test_map_matrices_in_one_process_is_the_plain_function() -> None:
     x = [torch.randn(3, 4), torch.randn(3, 4), torch.randn(2, 2, 2)]
-    out = D.map_matrices(lambda m: 2 * m, x, x, dtype=torch.float32)
+    out = S.map_matrices(lambda m: 2 * m, x, x, dtype=torch.float32)
     assert all(torch.equal(o, 2 * t) for o, t in zip(out, x))
-    assert D.assign_owners([(3, 4), (2, 2), (3, 4), (3, 4)], 2) == [0, 1, 1, 0]
-    assert D.shard_rows(5, 2) == [3, 2] and D.shard_rows(1, 2) == [1, 0] and sum(D.shard_rows(7, 4)) == 7
+    assert S.assign_owners([(3, 4), (2, 2), (3, 4), (3, 4)], 2) == [0, 1, 1, 0]
+    assert S.shard_rows(5, 2) == [3, 2] and S.shard_rows(1, 2) == [1, 0] and sum(S.shard_rows(7, 4)) == 7
 
 
 def test_setup_without_torchrun_makes_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -358,11 +361,11 @@ def test_sharded_checkpoint_of_an_empty_optimizer_state_stays_empty(tmp_path: Pa
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    D.save_sharded(model, opt, tmp_path / "dcp")
+    save_sharded(model, opt, tmp_path / "dcp")
     assert not opt.state
     other = nn.Linear(4, 4)
     opt2 = torch.optim.AdamW(other.parameters(), lr=1e-2)
     other(torch.randn(2, 4)).sum().backward()
     opt2.step()
-    D.load_sharded(other, opt2, tmp_path / "dcp")
+    load_sharded(other, opt2, tmp_path / "dcp")
     assert not opt2.state and torch.equal(other.weight, model.weight)

@@ -15,14 +15,7 @@ from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
 
 from lmsprint.optim import SOAP, AdamW, AdEMAMix, Lion, Muon, MuonWithAuxAdamW
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = [(7, 5), (3, 11), (13,), (4, 4), (1,)]
 

@@ -25,14 +25,7 @@ from lmsprint.optim import (
     param_role,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):
@@ -228,10 +221,10 @@ def test_build_translates_config():
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(name="sgd"), "unknown optimizer 'sgd'; choose from adamw, lion, soap, ademamix, muon"),
-    (dict(lr=-1), "--optim.lr must be positive, got -1"),
-    (dict(embed_lr=0.0), "--optim.embed_lr must be positive, got 0.0"),
+    (dict(lr=-1), "--optim.lr must be a positive number, got -1"),
+    (dict(embed_lr=0.0), "--optim.embed_lr must be a positive number, got 0.0"),
     (dict(weight_decay=-0.1), "--optim.weight_decay must be >= 0, got -0.1"),
-    (dict(eps=0.0), "--optim.eps must be positive"),
+    (dict(eps=0.0), "--optim.eps must be a positive number"),
     (dict(betas=[0.9, 0.99, 0.999]), "--optim.betas needs 2 values for adamw"),
     (dict(name="ademamix", betas=[0.9, 0.99]), r"--optim.betas needs 3 values for ademamix \(beta1, beta2, beta3\)"),
     (dict(betas=[0.9, 1.0]), r"--optim.betas must each be in \[0, 1\)"),
@@ -240,11 +233,11 @@ def test_build_translates_config():
     (dict(name="soap", precondition_frequency=0), "--optim.precondition_frequency must be >= 1, got 0"),
     (dict(name="muon", momentum=1.0), r"--optim.momentum must be in \[0, 1\), got 1.0"),
     (dict(name="muon", ns_steps=0), "--optim.ns_steps must be >= 1"),
-    (dict(name="ademamix", alpha=-1.0), "--optim.alpha must be >= 0"),
-    (dict(weight_decay_mode="horizon", wd_horizon=0.0), "--optim.wd_horizon must be positive"),
-    (dict(weight_decay_mode="horizon", wd_horizon=math.inf), "--optim.wd_horizon must be positive, got inf"),
-    (dict(eps=math.inf), "--optim.eps must be positive, got inf"),
-    (dict(name="ademamix", alpha=math.inf), "--optim.alpha must be >= 0, got inf"),
+    (dict(name="ademamix", alpha=-1.0), "--optim.alpha must be a number >= 0"),
+    (dict(weight_decay_mode="horizon", wd_horizon=0.0), "--optim.wd_horizon must be a positive number"),
+    (dict(weight_decay_mode="horizon", wd_horizon=math.inf), "--optim.wd_horizon must be a positive number, got inf"),
+    (dict(eps=math.inf), "--optim.eps must be a positive number, got inf"),
+    (dict(name="ademamix", alpha=math.inf), "--optim.alpha must be a number >= 0, got inf"),
 ])
 def test_build_rejects_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -11,14 +11,7 @@ from lmsprint.model import GPT, resolve_model_config
 from lmsprint.optim import build_optimizer
 from lmsprint.schedules import build_schedule
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, D = 16, 32
 

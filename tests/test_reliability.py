@@ -25,8 +25,10 @@ from lmsprint.config import ModelConfig
 from lmsprint.errors import CheckpointError
 from lmsprint.model import resolve_model_config
 from lmsprint.training import checkpoint as ckpt
+from lmsprint.training import memory
+from lmsprint.training.memory import GPUOutOfMemory, suggest_micro_batch
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import Callback, GPUOutOfMemory, Trainer, suggest_micro_batch, train
+from lmsprint.training.trainer import Callback, Trainer, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # ~250 optimizer steps of a 1-layer model: a few seconds of training, long enough to interrupt on purpose
@@ -466,7 +468,7 @@ def test_out_of_memory_names_the_micro_batch_that_fits(cpu_trainer: Trainer,
 
     cpu_trainer.device = torch.device("cuda")  # what run() checks; nothing else runs on it here
     monkeypatch.setattr(cpu_trainer, "_run", oom)
-    monkeypatch.setattr(cpu_trainer, "_measure_memory", lambda: (8.0 * gib, 10.0 * gib))
+    monkeypatch.setattr(memory, "measure_memory", lambda *a, **k: (8.0 * gib, 10.0 * gib))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 141 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * gib)
     with pytest.raises(GPUOutOfMemory) as e:
@@ -478,7 +480,7 @@ def test_out_of_memory_names_the_micro_batch_that_fits(cpu_trainer: Trainer,
     assert "about 6 rows fit in the 80 GiB this GPU has free: use --train.micro_batch_size=4" in message
     assert "--data.seq_len" in message
 
-    monkeypatch.setattr(cpu_trainer, "_measure_memory", lambda: (float("inf"), float("inf")))
+    monkeypatch.setattr(memory, "measure_memory", lambda *a, **k: (float("inf"), float("inf")))
     with pytest.raises(GPUOutOfMemory, match="not even one row fits .* lower --data.seq_len"):
         cpu_trainer.run()
 
@@ -499,7 +501,9 @@ def test_measure_memory_takes_the_peaks_of_one_and_two_rows(cpu_trainer: Trainer
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.update(now=0))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["now"])
-    assert cpu_trainer._measure_memory() == (1000.0, 100.0)
+    t = cpu_trainer
+    assert memory.measure_memory(t.model, t.optimizer, seq_len=32, vocab=t.model.config.vocab_size, amp=t.amp,
+                                 device=t.device) == (1000.0, 100.0)
     assert all(p.grad is None for p in cpu_trainer.model.parameters())
 
 

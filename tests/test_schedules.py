@@ -13,14 +13,13 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, Li
 from lmsprint import schedules
 from lmsprint.config import ScheduleConfig
 from lmsprint.errors import ConfigError, LmsprintError
+from lmsprint.optim.ademamix import ademamix_alpha, ademamix_beta3
+from lmsprint.optim.muon import muon_momentum
 from lmsprint.schedules import (
     GroupSchedule,
     LRSchedule,
-    ademamix_alpha,
-    ademamix_beta3,
     build_schedule,
     lr_multiplier,
-    muon_momentum,
     resolve_schedule,
     schedule_report,
 )
@@ -144,8 +143,8 @@ def test_wsd_matches_sequential_lr(decay_shape: str):
         milestones=[warmup, total - cooldown],
     )
     opt = _sgd(peak)
-    cfg = ScheduleConfig(name="wsd", warmup_steps=warmup, min_lr_ratio=ratio, decay_fraction=decay_fraction,
-                         decay_shape=decay_shape)  # type: ignore[arg-type]
+    cfg = ScheduleConfig(name="wsd", warmup_steps=warmup, start_factor=0.1, min_lr_ratio=ratio,
+                         decay_fraction=decay_fraction, decay_shape=decay_shape)  # type: ignore[arg-type]
     sched = build_schedule(opt, cfg, total_steps=total, peak_lr=peak)
     _assert_close(_lrs(opt, sched, total), _lrs(ref_opt, ref, total))
 
@@ -356,20 +355,20 @@ def test_ademamix_beta3_warmup_from_beta1_zero_is_the_formulas_limit():
          "--schedule.warmup_steps=200 is longer than the run (100 steps); shorten the warm-up or train longer"),
         (ScheduleConfig(warmup_steps=100), 100, "--schedule.warmup_steps=100 is as long as the run (100 steps)"),
         (ScheduleConfig(warmup_fraction=0.999), 100, "--schedule.warmup_fraction=0.999 (100 steps) is as long"),
-        (ScheduleConfig(warmup_steps=-5), 100, "--schedule.warmup_steps=-5 is negative"),
+        (ScheduleConfig(warmup_steps=-5), 100, "--schedule.warmup_steps must be >= 0, got -5"),
         (ScheduleConfig(), 0, "--train.steps=0: the run must have at least one step"),
         (ScheduleConfig(), -3, "--train.steps=-3"),
-        (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 is above the peak --optim.lr=0.01"),
-        (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 is negative"),
-        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan is not a number"),
-        (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio=1.5 must be in [0, 1]"),
-        (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor=0.0 must be in (0, 1]"),
-        (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction=0.0 must be in (0, 1]"),
-        (ScheduleConfig(name="wsd", decay_fraction=1.5), 100, "--schedule.decay_fraction=1.5 must be in (0, 1]"),
+        (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 must be between 0 and the peak --optim.lr=0.01"),
+        (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 must be between 0 and the peak"),
+        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan must be between 0 and the peak"),
+        (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio must be in [0, 1], got 1.5"),
+        (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor must be in (0, 1], got 0.0"),
+        (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction must be in (0, 1], got 0.0"),
+        (ScheduleConfig(name="wsd", decay_fraction=1.5), 100, "--schedule.decay_fraction must be in (0, 1], got 1.5"),
         (ScheduleConfig(name="wsd", warmup_steps=30, decay_fraction=0.8), 100,
          "--schedule.decay_fraction=0.8 makes the 80-step cool-down overlap the 30-step warm-up; use a "
          "decay_fraction of at most 0.7"),
-        (ScheduleConfig(name="step"), 100, "--schedule.name: unknown schedule 'step'"),  # type: ignore[arg-type]
+        (ScheduleConfig(name="step"), 100, "--schedule.name: 'step' is not one of cosine"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_settings(cfg: ScheduleConfig, total: int, message: str):
@@ -390,7 +389,7 @@ def test_wsd_whole_run_cooldown_is_allowed_without_warmup():
 
 def test_schedule_report_table_and_png(tmp_path: Path):
     png = tmp_path / "plots" / "lr.png"
-    cfg = ScheduleConfig(warmup_steps=10, min_lr=1e-4)
+    cfg = ScheduleConfig(warmup_steps=10, start_factor=0.1, min_lr=1e-4)
     text = schedule_report(cfg, peak_lr=1e-2, total_steps=100, at_steps=[0, 10, 55, 100, 150], png=png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = text.splitlines()
@@ -459,7 +458,8 @@ def test_cli_schedule_prints_and_draws(tmp_path: Path) -> None:
     from conftest import run_cli
 
     proc = run_cli("schedule", "--train.steps=100", "--optim.lr=1e-2", "--schedule.warmup_steps=10",
-                   "--schedule.min_lr=1e-4", "--at", "0,10,100", "--compare", cwd=tmp_path)
+                   "--schedule.start_factor=0.1", "--schedule.min_lr=1e-4", "--at", "0,10,100", "--compare",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "schedule.png").stat().st_size > 0
     for shape in ("cosine", "sqrt", "linear"):
@@ -467,3 +467,17 @@ def test_cli_schedule_prints_and_draws(tmp_path: Path) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.split()[:1] and
             line.split()[0].isdigit()}
     assert rows["0"][0] == "1.0000e-03" and rows["10"][0] == "1.0000e-02" and rows["100"][0] == "1.0000e-04"
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(1, 0), (10, 2), (300, 60), (500, 100), (1000, 200), (2000, 200),
+                                               (10000, 200), (20000, 400), (100000, 2000)])
+def test_default_warmup_rule(total: int, warmup: int) -> None:
+    """A run that sets no warm-up warms up over 20% of the run, at most max(2%, 200 steps) (docs/schedules.md's
+    measurements), with nanoGPT's shape lr (it+1)/(W+1); an explicit fraction or length still wins."""
+    s = resolve_schedule(ScheduleConfig(), total_steps=total, peak_lr=1.0)
+    assert s.warmup == warmup and s.start_factor == pytest.approx(1 / (warmup + 1))
+    if warmup:
+        assert [s(i) for i in (0, warmup - 1, warmup)] == pytest.approx([1 / (warmup + 1), warmup / (warmup + 1), 1])
+    assert resolve_schedule(ScheduleConfig(warmup_fraction=0.01), total_steps=total, peak_lr=1.0).warmup == \
+        round(0.01 * total)
+    assert resolve_schedule(ScheduleConfig(warmup_steps=0), total_steps=total, peak_lr=1.0).warmup == 0

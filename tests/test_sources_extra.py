@@ -1,11 +1,13 @@
 """Inputs users already have: parquet files and Hugging Face ``datasets`` directories go through prepare intact."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import make_docs
 
+from lmsprint.config import DataConfig
 from lmsprint.data.prepare import PreparedData, load_prepared, prepare
 from lmsprint.errors import DataError
 
@@ -94,10 +96,10 @@ def test_hf_datasets_directory_saved_again_is_prepared_again(tmp_path: Path) -> 
 
     ds, cache = tmp_path / "ds", str(tmp_path / "cache")
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(ds))
-    first = prepared_data(str(ds), tokenizer="byte", val_fraction=0.2, progress=False, cache_dir=cache)
+    first = prepared_data(DataConfig(str(ds), tokenizer="byte", val_fraction=0.2, cache_dir=cache), progress=False)
     changed = [d.upper() for d in DOCS]
     datasets.Dataset.from_dict({"text": changed}).save_to_disk(str(ds))
-    second = prepared_data(str(ds), tokenizer="byte", val_fraction=0.2, progress=False, cache_dir=cache)
+    second = prepared_data(DataConfig(str(ds), tokenizer="byte", val_fraction=0.2, cache_dir=cache), progress=False)
     assert second.path != first.path
     assert_all_documents(second.path, changed)
 
@@ -106,10 +108,9 @@ def test_a_tokenizer_directory_is_accepted(tmp_path: Path) -> None:
     from lmsprint.data.prepare import prepared_data
 
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    first = prepared_data(str(tmp_path / "c.jsonl"), tokenizer="byte", val_fraction=0.2, progress=False,
-                          cache_dir=str(tmp_path / "cache"))
+    data = DataConfig(str(tmp_path / "c.jsonl"), tokenizer="byte", val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    first = prepared_data(data, progress=False)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_bytes((first.path / "tokenizer.json").read_bytes())
-    again = prepared_data(str(tmp_path / "c.jsonl"), tokenizer=str(tmp_path / "tok"), val_fraction=0.2,
-                          progress=False, cache_dir=str(tmp_path / "cache"))
+    again = prepared_data(replace(data, tokenizer=str(tmp_path / "tok")), progress=False)
     assert again.tokenizer.vocab_size == first.tokenizer.vocab_size

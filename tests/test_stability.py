@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import Callback, Trainer, TrainingDiverged, resolve_precision
+from lmsprint.training.precision import resolve_precision
+from lmsprint.training.trainer import Callback, Trainer, TrainingDiverged
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -425,7 +426,7 @@ def test_a_resumed_checkpoint_is_judged_like_in_the_uninterrupted_run(tmp_path: 
               guard__max_rollbacks=2)
     make_trainer(tmp_path, corpus, train__stop_at_step=6, **kw).run()
     trainer = Trainer(tiny_config(corpus, **kw), tmp_path / "run", resume=True)
-    assert trainer.step == 6 and trainer.good_step == 5
+    assert trainer.state.step == 6 and trainer.state.good_step == 5
     resumed = {k: v.clone() for k, v in ckpt.model_state(trainer.model).items()}
 
     class BadWeights(Callback):
@@ -458,7 +459,7 @@ def test_a_rollback_is_saved_at_once(tmp_path: Path, corpus: Path) -> None:
     assert [e["step"] for e in events(trainer.run_dir, "rollback")] == [5]
     assert [p.name for p in ckpt.list_checkpoints(trainer.ckpt_root)] == ["step_00000005"]
     resumed = Trainer(tiny_config(corpus, **kw), tmp_path / "run", resume=True)
-    assert resumed.step == 5 and resumed.lr_scale == 0.5 and resumed.guard.rollbacks == 1
+    assert resumed.state.step == 5 and resumed.state.lr_scale == 0.5 and resumed.guard.rollbacks == 1
     assert resumed.loader.seed == trainer.loader.seed == trainer.cfg.train.seed + 1000
     assert all(g["initial_lr"] == pytest.approx(0.5 * resumed.cfg.optim.lr) for g in resumed.optimizer.param_groups)
 
@@ -500,5 +501,5 @@ def test_horizon_weight_decay_follows_rollbacks_and_a_longer_resume(tmp_path: Pa
     taus = horizon_tau(trainer)
     assert len(taus) >= 2 and taus == pytest.approx([10.0] * len(taus))  # 0.5 x 20 steps, at half the lr
     longer = Trainer(tiny_config(corpus, **{**kw, "train__steps": 40}), tmp_path / "run", resume=True)
-    assert longer.lr_scale == 0.5
+    assert longer.state.lr_scale == 0.5
     assert horizon_tau(longer) == pytest.approx([20.0] * len(taus))  # 0.5 x 40 steps

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_clean_error, run_cli, tiny_config
 
+from lmsprint.config import DataConfig
 from lmsprint.data.prepare import prepared_data
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.training.metrics import read_metrics
@@ -26,7 +27,7 @@ def test_short_run_on_real_text_beats_unigram_entropy(tmp_path: Path, shared_dat
                       train__eval_tokens=8192, train__log_every=20, optim__lr=3e-3, model__n_embd=64,
                       model__n_head=4, train__ckpt_every=0)
     result = train(cfg, run_dir=tmp_path / "run")
-    data = prepared_data(str(src), tokenizer="byte", val_fraction=0.1, progress=False)
+    data = prepared_data(DataConfig(str(src), tokenizer="byte", val_fraction=0.1), progress=False)
     counts = np.bincount(np.asarray(data.train[0].tokens), minlength=257).astype(float)
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log(p)).sum())
@@ -50,9 +51,9 @@ def test_exact_resume(tmp_path: Path, corpus: Path) -> None:
     # run to step 6 (a checkpoint), then crash
     original = trainer.save
 
-    def save_then_stop(state: dict) -> None:
-        original(state)
-        if trainer.step == 6:
+    def save_then_stop() -> None:
+        original()
+        if trainer.state.step == 6:
             raise Stop
 
     trainer.save = save_then_stop  # type: ignore[method-assign]

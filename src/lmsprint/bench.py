@@ -2,9 +2,11 @@
 
 Every recipe (and seed) is trained in this one process, one after the other, on the same data, evaluated
 every ``eval_every`` steps on the same fixed validation tokens. Times are the trainer's ``train_time``: device
-synchronised at both edges, compile warm-up, evaluation and checkpointing excluded. The target is a loss
-(or ``auto``: the mean final loss of the first recipe, the baseline); for each run the crossing of the target
-is interpolated linearly between evaluations in time, tokens and steps.
+synchronised at both edges, compile warm-up, evaluation and checkpointing excluded. The target is a loss: by
+default the final loss of the external reference (nanoGPT's own ``train.py``, :mod:`lmsprint.reference`), or
+``auto``: the mean final loss of the first recipe (the baseline). For each run the crossing of the target is
+interpolated linearly between evaluations in time, tokens and steps. Speed-ups are given against the first
+recipe, measured in the same invocation, and against the reference's time to the target.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 from lmsprint.compare import crossing
 from lmsprint.config import build_config
 from lmsprint.errors import LmsprintError
-from lmsprint.training.metrics import read_metrics
+from lmsprint.plots import plot_bench
+from lmsprint.reference import Reference, check_curve
+from lmsprint.training.metrics import read_metrics, steady
 from lmsprint.training.trainer import Callback, train
 
 # One technique of a recipe removed at a time (`--ablate fast`): name -> overrides that switch it off.
@@ -77,16 +81,11 @@ def run_one(name: str, recipe: str, seed: int, *, overrides: list[str], out_dir:
     records = read_metrics(run_dir / "metrics.jsonl")
     val = [{"step": r["step"], "tokens": r["tokens"], "time": r["time"], "loss": r["loss"]}
            for r in records if r["kind"] == "val"]
-    trains = [r for r in records if r["kind"] == "train"]
     summary = next(r for r in reversed(records) if r["kind"] == "summary")
-    mfus = [r["mfu"] for r in trains if "mfu" in r]
-    steady = trains[len(trains) // 4 :] or trains  # skip the first log windows (allocator warm-up)
     return BenchRun(name=name, seed=seed, run_dir=str(run_dir), final_loss=val[-1]["loss"],
                     train_time=summary["train_time"], compile_time=summary["compile_time"], steps=summary["step"],
-                    tokens=summary["tokens"],
-                    tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady) if steady else 0.0,
-                    mfu=statistics.median(mfus[len(mfus) // 4 :] or mfus) if mfus else None,
-                    graphs=summary.get("graphs", 0), val=val)
+                    tokens=summary["tokens"], tokens_per_s=steady(records, "tokens_per_s") or 0.0,
+                    mfu=steady(records, "mfu"), graphs=summary.get("graphs", 0), val=val)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -139,80 +138,87 @@ def _to_target(group: list[BenchRun], key: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def table(rows: list[dict], target: float, *, reference: str | None = None) -> str:
-    ref = next((r for r in rows if r["name"] == reference), rows[0]) if rows else None
-    lines = [f"Target validation loss: {target:.4f}", "",
-             "| recipe | seeds | time to target (s) | speed-up | tokens to target (M) | steps to target | "
-             "final val loss | train time (s) | compile (s) | tokens/s | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _speedup(base: float, time: float, *, bound: bool = False) -> str:
+    if math.isnan(time) or time <= 0 or math.isnan(base):
+        return "-"
+    return f"{'≥ ' if bound else ''}{base / time:.2f}x"
+
+
+def table(rows: list[dict], target: float, *, baseline: str | None = None, ref: Reference | None = None) -> str:
+    """Markdown table: per recipe, time/tokens/steps to ``target`` and the speed-ups against the first recipe
+    (``baseline``) and the external reference. A baseline that misses the target in some seed is credited with its
+    whole training time, so the speed-up against it is a lower bound (marked ≥)."""
+    base = next((r for r in rows if r["name"] == baseline), rows[0]) if rows else None
+    base_bound = bool(base) and base["reached"] < base["seeds"]
+    base_time = (base["train_time"][0] if base_bound else base["time"][0]) if base else math.nan
+    ref_time = ref.time_to(target) if ref else None
+    lines = [f"Target validation loss: {target:.4f}"]
+    if ref is not None:
+        lines.append(f"Reference: {ref.name}: " + (f"{ref_time:.1f} s to the target" if ref_time is not None else
+                                                     f"never reaches the target (ends at {ref.final_loss:.4f})"))
+    lines += ["", "| recipe | seeds | time to target (s) | vs " + (baseline or "first") + " | vs reference | "
+              "tokens to target (M) | steps to target | final val loss | train time (s) | compile (s) | tokens/s | "
+              "MFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        speed = ref["time"][0] / r["time"][0] if ref and not math.isnan(r["time"][0]) and r["time"][0] > 0 else math.nan
         tok_m = (r["tokens"][0] / 1e6, r["tokens"][1] / 1e6)
         mfu = f"{r['mfu'][0]:.1%}" if not math.isnan(r["mfu"][0]) else "-"
         time = _fmt(*r["time"]) if not 0 < r["reached"] < r["seeds"] else f"{r['reached']}/{r['seeds']} seeds reached"
+        vs_ref = _speedup(ref_time, r["time"][0]) if ref_time is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['seeds']} | {time} | {'-' if math.isnan(speed) else f'{speed:.2f}x'} | "
-            f"{_fmt(*tok_m, digits=2)} | {_fmt(*r['steps'], digits=0)} | {_fmt(*r['final'], digits=4)} | "
+            f"| {r['name']} | {r['seeds']} | {time} | {_speedup(base_time, r['time'][0], bound=base_bound)} | "
+            f"{vs_ref} | {_fmt(*tok_m, digits=2)} | {_fmt(*r['steps'], digits=0)} | {_fmt(*r['final'], digits=4)} | "
             f"{_fmt(*r['train_time'])} | {_fmt(*r['compile'])} | {r['tokens_per_s'][0]:,.0f} | {mfu} |")
     return "\n".join(lines)
 
 
-def plot(runs: list[BenchRun], target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.name for r in runs))}
-    for ax, key, label in ((axes[0], "time", "training wall time (s)"), (axes[1], "tokens", "training tokens")):
-        for r in runs:
-            xs = [v[key] for v in r.val]
-            first = r is next(x for x in runs if x.name == r.name)
-            ax.plot(xs, [v["loss"] for v in r.val], "o-", ms=2, lw=1, color=colors[r.name],
-                    label=r.name if first else None, alpha=0.85)
-        ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target:.3f}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-        lo = min(v["loss"] for r in runs for v in r.val)
-        ax.set_ylim(lo - 0.1, min(max(v["loss"] for r in runs for v in r.val), target + 2.5))
-    axes[0].legend(fontsize=8)
-    fig.suptitle("lmsprint bench: validation loss against wall time and tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def curve_check(runs: list[BenchRun], name: str, ref: Reference) -> str | None:
+    """The reference-curve comparison of recipe ``name`` (every seed), when its runs were evaluated at the
+    reference's steps; else None."""
+    curves = [{int(v["step"]): v["loss"] for v in r.val} for r in runs if r.name == name]
+    try:
+        check = check_curve(curves, ref)
+    except ValueError:
+        return None
+    return f"{name} against the reference curve ({ref.name}):\n\n{check.table()}"
 
 
 def bench(recipes: list[str], *, seeds: list[int], overrides: list[str], out_dir: Path,
-          target: float | None = None, ablate: str | None = None, stop_at_target: bool = False) -> dict:
+          target: float | None = None, reference: Reference | None = None, ablate: str | None = None,
+          stop_at_target: bool = False) -> dict:
     """Run every recipe x seed, then (optionally) the ablations of one recipe; write bench.{json,md,png}.
 
     Args:
-        recipes: recipe names or TOML paths; the first is the reference (and sets an ``auto`` target).
+        recipes: recipe names or TOML paths; the first is the baseline the others are compared with.
         seeds: seeds per recipe.
         overrides: ``--section.key=value`` applied to every run (e.g. the data source).
         out_dir: where run directories and the report go.
         target: the target loss; None = the first recipe's mean final validation loss.
+        reference: an external reference curve (speed-up against its time to the target, and the first recipe's
+            curve checked against it); None = none (use None on data other than the reference's).
         ablate: a recipe whose techniques are removed one at a time (first seed, stopped at the target).
         stop_at_target: end runs after recipe 1 once they reach the target (saves time; final loss is then
             the loss at the stop).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[BenchRun] = []
-    reference = Path(recipes[0]).stem if target is None else None  # an auto target is its mean final loss
+    baseline = Path(recipes[0]).stem
+    auto = baseline if target is None else None  # an auto target is the baseline's mean final loss
 
     def report() -> str:
         """Write bench.{md,json,png} for the runs so far (a cut-short benchmark keeps what it measured)."""
         goal = target if target is not None else statistics.fmean(r.final_loss for r in runs)
         for r in runs:
             r.measure(goal)
-        rows = summarize(runs, goal, reference=reference)
-        md = table(rows, goal, reference=Path(recipes[0]).stem)
+        rows = summarize(runs, goal, reference=auto)
+        md = table(rows, goal, baseline=baseline, ref=reference)
+        check = curve_check(runs, baseline, reference) if reference is not None else None
+        if check:
+            md += "\n\n" + check
         (out_dir / "bench.md").write_text(md + "\n")
         (out_dir / "bench.json").write_text(json.dumps({"target": goal, "runs": [asdict(r) for r in runs],
-                                                        "summary": rows}, indent=1))
-        plot(runs, goal, out_dir / "bench.png")
+                                                        "summary": rows, "reference": reference and asdict(reference)},
+                                                       indent=1))
+        plot_bench(runs, goal, out_dir / "bench.png")
         return md
 
     for i, recipe in enumerate(recipes):
@@ -237,4 +243,4 @@ def bench(recipes: list[str], *, seeds: list[int], overrides: list[str], out_dir
                                 out_dir=out_dir, stop_at=target))
             report()
     md = report()
-    return {"target": target, "runs": runs, "summary": summarize(runs, target, reference=reference), "table": md}
+    return {"target": target, "runs": runs, "summary": summarize(runs, target, reference=auto), "table": md}

@@ -41,12 +41,23 @@ def _no_overrides(command: str, overrides: list[str]) -> None:
         raise LmsprintError(f"unexpected arguments {' '.join(overrides)}; see lmsprint {command} --help")
 
 
+def _finite_float(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {text!r}")
+    return value
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a recipe name (see configs/) or a TOML file")
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
+    from lmsprint.distributed import launch_rank
     from lmsprint.training.trainer import new_run_dir, resume_config, train
 
     overrides = _with_data(args, overrides)
@@ -57,17 +68,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = build_config(_recipe_default(args.config, overrides), overrides)
         run_dir = new_run_dir(cfg)
     if args.nproc != 1:
-        from lmsprint.config import validate
         from lmsprint.launch import launch
-        from lmsprint.training.trainer import micro_batch_rows
+        from lmsprint.training.trainer import preflight
 
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-        validate(cfg)  # config errors once, here, rather than once per worker
-        micro_batch_rows(cfg.train, args.nproc)
+        preflight(cfg, args.nproc)  # config errors once, here, rather than once per worker
         return launch(args.nproc, args.argv)
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun: rank 0 reports and samples
+    main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples
     if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
         if main_rank:
             print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
@@ -172,12 +181,13 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmsprint.export import export
+    from lmsprint.export import export, how_to_load
 
     _no_overrides("export", overrides)
-    out = export(args.run, args.out)
-    print(f"exported to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
-          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    if (args.out is None) == (args.out_pos is None):
+        raise ConfigError("lmsprint export needs one output directory: lmsprint export RUN --out DIR")
+    out = export(args.run, args.out or args.out_pos)
+    print(f"exported to {out}; load it with {how_to_load(out)}")
     return 0
 
 
@@ -197,8 +207,17 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
     overrides = _with_data(args, overrides)
     out = Path(args.out)
+    from lmsprint.reference import NANOGPT
+
+    reference = NANOGPT if args.reference == "nanogpt" else None
+    if args.target == "reference":
+        if reference is None:
+            raise ConfigError("--target reference needs --reference nanogpt; give a loss or auto instead")
+        target: float | None = reference.final_loss
+    else:
+        target = None if args.target == "auto" else _finite_float(args.target, "--target")
     result = bench(args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")], overrides=overrides,
-                   out_dir=out, target=None if args.target == "auto" else float(args.target), ablate=args.ablate,
+                   out_dir=out, target=target, reference=reference, ablate=args.ablate,
                    stop_at_target=args.stop_at_target)
     print(result["table"])
     print(f"\nreport: {out / 'bench.md'}, plot: {out / 'bench.png'}")
@@ -280,9 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers model",
                        description="Write the newest valid checkpoint of a run as a transformers model directory "
-                       "(Llama for rope+rmsnorm+swiglu models, GPT-2 for learned+layernorm+gelu), with its tokenizer.")
+                       "with its tokenizer: Llama for rope+rmsnorm+swiglu models, GPT-2 for learned+layernorm+gelu, "
+                       "any other model with lmsprint's modeling file (load it with trust_remote_code=True).")
     p.add_argument("run", metavar="RUN_DIR", help="run directory or checkpoint directory")
-    p.add_argument("out", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("out_pos", nargs="?", metavar="OUT_DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--out", help="output directory, as OUT_DIR")
 
     p = sub.add_parser("compare", help="compare runs: loss curves and time/tokens to a target loss",
                        description="Draw the runs' training and validation loss against steps, tokens and training "
@@ -297,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="corpus (default: each recipe's data.source)")
     p.add_argument("--recipes", default="baseline,fast", help="comma-separated recipes; the first is the reference")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each recipe runs once per seed")
-    p.add_argument("--target", default="auto", help="target loss, or auto: the first recipe's mean final loss")
+    p.add_argument("--target", default="reference", help="target validation loss: reference (default: the "
+                   "reference's final loss, nanoGPT's 4.588), auto (the first recipe's mean final loss) or a number")
+    p.add_argument("--reference", choices=("nanogpt", "none"), default="nanogpt",
+                   help="external reference curve for the speed-up column and the baseline's curve check: "
+                   "nanoGPT's train.py on enwiki2015 with the shared tokenizer and validation shard (default); none "
+                   "on other data")
     p.add_argument("--ablate", help="also run this recipe with one technique removed at a time")
     p.add_argument("--stop-at-target", action="store_true", help="end non-reference runs once they reach the target")
     p.add_argument("--out", default="runs/bench", help="directory for the runs and the report")
@@ -355,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         sys.exit(handlers[args.command](args, overrides))
     except LmsprintError as e:
-        rank = int(os.environ.get("RANK", "0"))
+        from lmsprint.distributed import launch_rank
+
+        rank = launch_rank()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         elif not isinstance(e, ConfigError):  # every rank reads the same config: rank 0 reports those

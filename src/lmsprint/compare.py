@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lmsprint.errors import CheckpointError
-from lmsprint.plots import check_figure_path, save_figure
+from lmsprint.plots import check_figure_path, plot_compare
 from lmsprint.training.metrics import latest_per_step, read_metrics
-
-Warn = Callable[[str], None]
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:
@@ -70,6 +68,9 @@ class Run:
         """Mean of ``key`` over the train records that have it (tokens_per_s, mfu)."""
         values = [float(r[key]) for r in self.train if isinstance(r.get(key), (int, float))]
         return sum(values) / len(values) if values else None
+
+
+Warn = Callable[[str], None]
 
 
 def load_run(path: str | Path, *, warn: Warn | None = None) -> Run:
@@ -147,49 +148,6 @@ def table(runs: Sequence[Run], target: float | None) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: Sequence[Run], png: str | Path, *, target: float | None = None) -> Path:
-    """Draw validation (markers) and training (faint) loss of every run against steps, tokens and time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    try:
-        axes_x = (("step", "step"), ("tokens", "tokens"), ("time", "training time (s, evaluation excluded)"))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, r in enumerate(runs):
-            color = colors[i % len(colors)]
-            for ax, (key, _) in zip(axes, axes_x):
-                train = [(x[key], x["loss"]) for x in r.train if key in x]
-                if train:
-                    ax.plot(*zip(*train), color=color, lw=0.8, alpha=0.35)
-                val = r.val_points(key)
-                if val:
-                    ax.plot(*zip(*val), "o-", color=color, ms=3, lw=1.5, label=r.name)
-        for ax, (_, label) in zip(axes, axes_x):
-            if target is not None:
-                ax.axhline(target, color="gray", ls=":", lw=1)
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("loss")
-        # the first training steps (loss ~ ln vocab) would squash the curves: scale to the validation losses
-        losses = [float(v["loss"]) for r in runs for v in r.val if math.isfinite(v["loss"])]
-        losses += [float(x["loss"]) for r in runs for x in r.train[len(r.train) // 10:] if math.isfinite(x["loss"])]
-        if losses:
-            lo, hi = min(losses), max(losses)
-            pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1.0)  # one value: a margin that its float can show
-            axes[0].set_ylim(lo - pad, hi + pad)
-        if any(r.val for r in runs):
-            axes[0].legend(loc="upper right", fontsize="small")
-        suffix = "" if target is None else f"; dotted: target {target:.4f}"
-        fig.suptitle(f"validation loss (markers) and training loss (faint){suffix}")
-        fig.tight_layout()
-        return save_figure(fig, Path(png))
-    finally:
-        plt.close(fig)
-
-
 def compare(run_dirs: Sequence[str | Path], *, target: float | None = None, png: str | Path | None = None,
             warn: Warn | None = None) -> str:
     """Read runs, optionally draw them to ``png``, and return the Markdown comparison table.
@@ -206,5 +164,5 @@ def compare(run_dirs: Sequence[str | Path], *, target: float | None = None, png:
     if target is None:
         target = default_target(runs)
     if png is not None:
-        plot(runs, png, target=target)
+        plot_compare(runs, png, target=target)
     return table(runs, target)

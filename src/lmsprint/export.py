@@ -1,18 +1,31 @@
 """Export a trained run to a Hugging Face ``transformers`` model directory.
 
-lmsprint's two architecture families map onto two transformers classes with no change of maths:
+Every model lmsprint trains exports. Where a transformers class computes exactly what lmsprint computes, the
+export uses it, with no change of maths:
 
 - rotary positions + RMSNorm + SwiGLU  ->  ``LlamaForCausalLM`` (``tie_word_embeddings`` as trained);
 - learned positions + LayerNorm + GELU ->  ``GPT2LMHeadModel`` (GPT-2 has biases everywhere: exported as zeros).
 
+Any other combination (ReLU², QK-norm, logit soft-capping, rotary with LayerNorm, ...; the ``fast`` recipe)
+exports as ``LmsprintForCausalLM``: the export directory gets ``modeling_lmsprint.py``
+(``lmsprint/export_hf/``, copied from the installed package), a small transformers model that is lmsprint's
+forward pass with its parameter names, registered through ``auto_map`` and loaded with
+``trust_remote_code=True``.
+
 The output directory holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32),
-``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``, so that
-``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)`` load it. Writing it
-needs no ``transformers``; loading it does.
+``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (and ``modeling_lmsprint.py``
+where needed), so that ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)``
+load it. Writing it needs no ``transformers``; loading it does. The export reads the checkpoint's
+``meta.json`` and ``model.safetensors`` and the run's ``tokenizer.json``: data only, nothing from the run
+directory is unpickled or executed.
 
 The vocabulary is exported **sliced** to the tokenizer's size: lmsprint pads the embedding and head rows to a
 multiple of ``vocab_multiple`` for matmul speed, but the padding ids are never produced by the tokenizer and
 lmsprint's own logits leave them out, so the exported model's logits equal lmsprint's, id for id.
+
+A new architecture option is exported by adding it to ``OPTIONS`` below and implementing it in
+``export_hf/modeling_lmsprint.py`` (a field of ``LmsprintConfig`` of the same name, read by the module it
+changes). Until then a model that sets it is refused with a one-line error naming the option.
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -33,35 +48,54 @@ from lmsprint.training import checkpoint as ckpt
 
 NORM_EPS = 1e-5  # lmsprint's Norm default (layers.Norm): Llama's rms_norm_eps, GPT-2's layer_norm_epsilon
 
-LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
-GPT2 = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
+# What the export does with each GPTConfig field:
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden")  # copied into config.json
+# architecture options: each changes the forward pass, and modeling_lmsprint.py implements each (LmsprintConfig
+# takes it by the same name, or as RENAMED)
+OPTIONS = ("pos_emb", "norm", "mlp", "tie_embeddings", "qk_norm", "logit_softcap", "rope_base")
+RENAMED = {"tie_embeddings": "tie_word_embeddings"}  # LmsprintConfig's names that differ from GPTConfig's
+TRAINING_ONLY = ("init_std", "zero_init_proj", "vocab_multiple")  # initialisation and padding: no forward change
+MODELING_FILE = "modeling_lmsprint.py"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers class that computes exactly lmsprint's forward pass when the options in ``fixed`` have
+    these values, those in ``free`` any value, and every other architecture option its default."""
+
+    name: str
+    fixed: dict[str, object]
+    free: tuple[str, ...] = ("tie_embeddings", "rope_base")
+
+    def matches(self, cfg: GPTConfig) -> bool:
+        defaults = {f.name: f.default for f in fields(GPTConfig)}
+        return all(getattr(cfg, k) == self.fixed.get(k, defaults[k]) for k in OPTIONS if k not in self.free)
+
+
+FAMILIES = (
+    Family("llama", {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}),
+    Family("gpt2", {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}),  # rope_base: unused
+)
+
+
+def _flag(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def architecture(cfg: GPTConfig) -> str:
-    """"llama" or "gpt2": the transformers family that computes exactly what ``cfg`` computes.
+    """"llama", "gpt2" or "lmsprint" (the modeling file): how the export represents ``cfg`` exactly.
 
     Raises:
-        LmsprintError: naming the option that neither family can express.
+        LmsprintError: naming an architecture option that the export does not implement (yet).
     """
-    if cfg.qk_norm:
-        raise LmsprintError("--model.qk_norm=true cannot be exported: neither Llama nor GPT-2 normalises queries "
-                            "and keys; train with --model.qk_norm=false to export")
-    if cfg.logit_softcap > 0:
-        raise LmsprintError(f"--model.logit_softcap={cfg.logit_softcap:g} cannot be exported: neither Llama nor "
-                            "GPT-2 caps logits; train with --model.logit_softcap=0 to export")
-    if cfg.mlp == "relu2":
-        raise LmsprintError("--model.mlp=relu2 cannot be exported: neither Llama nor GPT-2 has a squared-ReLU MLP; "
-                            "train with --model.mlp=swiglu (Llama) or gelu (GPT-2) to export")
-    have = {"pos_emb": cfg.pos_emb, "norm": cfg.norm, "mlp": cfg.mlp}
-    for name, family in (("llama", LLAMA), ("gpt2", GPT2)):
-        if have == family:
-            return name
-    # a mix: name the options that differ from the family the position encoding picks
-    family, name = (LLAMA, "Llama") if cfg.pos_emb == "rope" else (GPT2, "GPT-2")
-    wrong = ", ".join(f"--model.{k}={have[k]}" for k in family if have[k] != family[k])
-    need = ", ".join(f"--model.{k}={family[k]}" for k in family if have[k] != family[k])
-    raise LmsprintError(f"{wrong} with --model.pos_emb={cfg.pos_emb} cannot be exported: {name} needs {need} "
-                        "(export supports rope+rmsnorm+swiglu as Llama and learned+layernorm+gelu as GPT-2)")
+    known = {*SHAPE, *OPTIONS, *TRAINING_ONLY}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in known and value != f.default:
+            raise LmsprintError(f"--model.{f.name}={_flag(value)} cannot be exported yet: lmsprint's transformers "
+                                f"model (lmsprint/export_hf/{MODELING_FILE}) does not implement it; train with "
+                                f"--model.{f.name}={_flag(f.default)} to export")
+    return next((family.name for family in FAMILIES if family.matches(cfg)), "lmsprint")
 
 
 def _llama_weights(w: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -111,6 +145,14 @@ def _gpt2_weights(w: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch
     return out
 
 
+def _lmsprint_weights(w: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    # modeling_lmsprint.py has lmsprint's parameter names; a tied head is stored once, as the embedding
+    return {k: v for k, v in w.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+
+
+WEIGHTS = {"llama": _llama_weights, "gpt2": _gpt2_weights, "lmsprint": _lmsprint_weights}
+
+
 def _hf_config(arch: str, cfg: GPTConfig, eot_id: int) -> dict[str, object]:
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot_id,
               "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32", "initializer_range": cfg.init_std,
@@ -125,6 +167,15 @@ def _hf_config(arch: str, cfg: GPTConfig, eot_id: int) -> dict[str, object]:
             "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
             "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
             "pretraining_tp": 1,
+        }
+    if arch == "lmsprint":
+        return {
+            "architectures": ["LmsprintForCausalLM"], "model_type": "lmsprint", **common,
+            "tokenizer_class": "PreTrainedTokenizerFast",  # for pipeline(), which cannot look a custom type up
+            "auto_map": {"AutoConfig": "modeling_lmsprint.LmsprintConfig",
+                         "AutoModel": "modeling_lmsprint.LmsprintModel",
+                         "AutoModelForCausalLM": "modeling_lmsprint.LmsprintForCausalLM"},
+            **{RENAMED.get(k, k): getattr(cfg, k) for k in (*SHAPE, *OPTIONS)}, "norm_eps": NORM_EPS,
         }
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
@@ -152,8 +203,16 @@ def _write_tokenizer(tok: TextTokenizer, out: Path, block_size: int) -> None:
     special = {"bos_token": tok.eot_token, "eos_token": tok.eot_token, "pad_token": tok.eot_token}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": block_size,
-              "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+              "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}  # no token_type_ids: generate() refuses them
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def how_to_load(out_dir: Path) -> str:
+    """The transformers calls that load an export (``trust_remote_code=True`` where it has a modeling file)."""
+    remote = ", trust_remote_code=True" if (out_dir / MODELING_FILE).exists() else ""
+    return (f"transformers.AutoModelForCausalLM.from_pretrained({str(out_dir)!r}{remote}) and "
+            f"AutoTokenizer.from_pretrained({str(out_dir)!r}{remote})")
 
 
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -165,7 +224,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
 
     Raises:
         LmsprintError: the run or checkpoint is missing or corrupt, ``out_dir`` is not empty, or the model
-            uses an option that neither Llama nor GPT-2 can express.
+            uses an architecture option that the export does not implement.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.exists():
@@ -189,7 +248,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     V = cfg.vocab_size
     weights = {k: v.float()[:V] if k in ("transformer.wte.weight", "lm_head.weight") else v.float()
                for k, v in weights.items()}
-    tensors = _llama_weights(weights, cfg) if arch == "llama" else _gpt2_weights(weights, cfg)
+    tensors = WEIGHTS[arch](weights, cfg)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
 
     cannot = "; choose another output directory or check its permissions and free space"
@@ -209,6 +268,8 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         generation = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _write_tokenizer(tok, tmp, cfg.block_size)
+        if arch == "lmsprint":  # the package's copy: nothing from the run directory is ever executed
+            (tmp / MODELING_FILE).write_text(resources.files("lmsprint.export_hf").joinpath(MODELING_FILE).read_text())
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

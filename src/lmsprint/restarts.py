@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmsprint.config import RunConfig, to_toml, validate
+from lmsprint.config import RunConfig, to_toml
 from lmsprint.errors import ConfigError, LmsprintError
-from lmsprint.training.metrics import read_metrics
+from lmsprint.training.metrics import latest_per_step, read_metrics
 
 
 @dataclass
@@ -135,13 +135,9 @@ def _subprocess(base_toml: Path, run: RestartRun, stop: int | None, first: bool,
 
 
 def _read_curve(run: RestartRun) -> list[tuple[int, float]]:
-    curve: dict[int, float] = {}
-    for r in read_metrics(run.run_dir / "metrics.jsonl"):
-        if r["kind"] == "val":
-            curve[int(r["step"])] = float(r["loss"])  # a step evaluated again after a rollback: the last counts
-        elif r["kind"] == "event" and r.get("event") == "rollback" and "step" in r:
-            curve = {s: v for s, v in curve.items() if s <= int(r["step"])}
-    return sorted(curve.items())
+    records = [r for r in read_metrics(run.run_dir / "metrics.jsonl")
+               if r["kind"] == "val" or (r["kind"] == "event" and r.get("event") == "rollback" and "step" in r)]
+    return [(int(r["step"]), float(r["loss"])) for r in latest_per_step(records)]
 
 
 def _train_rung(cfg: RunConfig, runs: list[RestartRun], budget: int, total: int, first: bool, gpus: list[int],
@@ -259,7 +255,9 @@ def restarts(cfg: RunConfig, *, n: int, keep: int = 1, probe_steps: int | None =
     Raises:
         ConfigError: inconsistent arguments, or ``out_dir`` already holds runs of these seeds.
     """
-    validate(cfg)
+    from lmsprint.training.trainer import preflight
+
+    preflight(cfg)
     if cfg.train.epochs is not None:
         raise ConfigError("restarts needs a step budget: set --train.steps instead of --train.epochs")
     if n < 1 or not 1 <= keep <= n:
@@ -282,10 +280,7 @@ def restarts(cfg: RunConfig, *, n: int, keep: int = 1, probe_steps: int | None =
     if gpu_ids:  # prepare the data once here: parallel first runs would race to fill the same cache entry
         from lmsprint.data.prepare import prepared_data
 
-        d = cfg.data
-        prepared_data(d.source, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_source=d.val_source,
-                      val_fraction=d.val_fraction, text_docs=d.text_docs, cache_dir=d.cache_dir, workers=d.workers,
-                      progress=cfg.log.progress)
+        prepared_data(cfg.data, progress=cfg.log.progress)
     log(f"restarts: {n} seeds from {cfg.train.seed}, probe {probe} of {total} steps, keep {keep}"
         f"{', successive halving' if halving else ''}, "
         + (f"GPUs {','.join(map(str, gpu_ids))} in parallel" if gpu_ids else "one after another in this process"))

@@ -10,6 +10,10 @@ ignored). Over an epoch every stream position is an input exactly once, so no to
   holds rows of similar length and pads less; batches shuffled within the window, aligned with optimizer steps.
 - ``best-fit``: whole documents placed into rows by best-fit decreasing (each into the fullest row it still
   fits); a document longer than a row fills whole rows and its remainder is placed like a document.
+
+One strategy samples instead of partitioning: ``random`` draws each row as a window of ``seq_len`` tokens starting
+at a uniformly random stream position, with replacement (nanoGPT's ``get_batch``); an "epoch" is as many rows as
+``pack`` cuts, so some tokens are seen twice and others not at all.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmsprint.data.shards import Shard
+from lmsprint.errors import DataError
 
-STRATEGIES = ("pack", "pad", "bucket", "best-fit")
+STRATEGIES = ("pack", "pad", "bucket", "best-fit")  # each partitions an epoch: every token an input exactly once
+SAMPLED = ("random",)  # rows drawn with replacement
 BEST_FIT_WINDOW = 65536  # documents placed together; bounds memory and time on very large corpora
 
 
@@ -101,6 +107,17 @@ def pack_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator) -> Ro
     return _single_span_rows(starts[order], lens[order])
 
 
+def random_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator) -> RowPlan:
+    """nanoGPT's sampling: row starts uniform in ``[0, n_tokens - seq_len)``, so every row has ``seq_len`` inputs and
+    ``seq_len`` targets (``torch.randint(len(data) - block_size, ...)``); as many rows per epoch as ``pack``."""
+    high = stream.n_tokens - seq_len  # a window needs seq_len + 1 tokens
+    if high < 1:
+        raise DataError(f"--data.batching=random needs more than seq_len + 1 = {seq_len + 1} training tokens, the "
+                        f"corpus has {stream.n_tokens}; use a shorter --data.seq_len or --data.batching=pack")
+    n_rows = -(-stream.n_tokens // seq_len)
+    return _single_span_rows(rng.integers(0, high, size=n_rows, dtype=np.int64), np.full(n_rows, seq_len, np.int64))
+
+
 def pad_plan(stream: TokenStream, seq_len: int, rng: np.random.Generator) -> RowPlan:
     order = rng.permutation(len(stream.doc_starts))
     s, n = _chunk(stream.doc_starts[order], stream.doc_lens[order], seq_len)
@@ -174,7 +191,9 @@ def epoch_plan(stream: TokenStream, strategy: str, seq_len: int, *, seed: int, e
         return bucket_plan(stream, seq_len, rng, batch_rows=batch_rows, window=bucket_window, lead=lead)
     if strategy == "best-fit":
         return best_fit_plan(stream, seq_len, rng)
-    raise ValueError(f"unknown batching strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if strategy == "random":
+        return random_plan(stream, seq_len, rng)
+    raise ValueError(f"unknown batching strategy {strategy!r}; choose from {', '.join(STRATEGIES + SAMPLED)}")
 
 
 def padded_length(longest: int, *, multiple: int, seq_len: int) -> int:

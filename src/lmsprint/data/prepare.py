@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lmsprint.config import DataConfig
 from lmsprint.data import sources
 from lmsprint.data.shards import Shard, ShardWriter, read_shard
 from lmsprint.data.tokenizer import TextTokenizer, byte_tokenizer, load_tokenizer, train_bpe
@@ -300,26 +301,17 @@ def cache_key(spec: str, *, tokenizer: str, vocab_size: int, val_source: str | N
     return train_src.name, hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def prepared_data(
-    spec: str,
-    *,
-    tokenizer: str = "bpe",
-    vocab_size: int = 8192,
-    val_source: str | None = None,
-    val_fraction: float = 0.02,
-    text_docs: str = "auto",
-    cache_dir: str | None = None,
-    workers: int = 0,
-    progress: bool = True,
-) -> PreparedData:
-    """Open ``spec`` if it is a prepared directory; otherwise prepare it into the cache once and open that."""
+def prepared_data(data: DataConfig, *, progress: bool = True) -> PreparedData:
+    """Open ``data.source`` if it is a prepared directory; otherwise prepare it with the tokenizer and split
+    settings of ``data`` into the cache once, and open that."""
+    spec = data.source
     if (Path(spec).expanduser() / "meta.json").exists():
         return load_prepared(Path(spec).expanduser())
-    name, key = cache_key(spec, tokenizer=tokenizer, vocab_size=vocab_size, val_source=val_source,
-                          val_fraction=val_fraction, text_docs=text_docs)
-    path = sources.cache_root(cache_dir) / "data" / f"{name}-{key}"
+    name, key = cache_key(spec, tokenizer=data.tokenizer, vocab_size=data.vocab_size, val_source=data.val_source,
+                          val_fraction=data.val_fraction, text_docs=data.text_docs)
+    path = sources.cache_root(data.cache_dir) / "data" / f"{name}-{key}"
     if not (path / "meta.json").exists():
         shutil.rmtree(path, ignore_errors=True)
-        prepare(spec, path, tokenizer=tokenizer, vocab_size=vocab_size, val_source=val_source,
-                val_fraction=val_fraction, text_docs=text_docs, workers=workers, progress=progress)
+        prepare(spec, path, tokenizer=data.tokenizer, vocab_size=data.vocab_size, val_source=data.val_source,
+                val_fraction=data.val_fraction, text_docs=data.text_docs, workers=data.workers, progress=progress)
     return load_prepared(path)

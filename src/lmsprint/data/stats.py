@@ -9,8 +9,7 @@ from lmsprint.data.prepare import prepared_data
 
 def strategy_stats(cfg: RunConfig) -> list[dict]:
     d, t = cfg.data, cfg.train
-    data = prepared_data(d.source, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_source=d.val_source,
-                         val_fraction=d.val_fraction, text_docs=d.text_docs, cache_dir=d.cache_dir, workers=d.workers)
+    data = prepared_data(d)
     stream = TokenStream(data.train)
     micro = t.micro_batch_size or t.batch_size
     out = []

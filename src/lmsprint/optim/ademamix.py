@@ -8,7 +8,7 @@ Adam plus a second, slow gradient EMA ``m2`` (decay ``beta3``, not bias-correcte
     p  = p - lr * ((m1 / (1 - b1^t) + alpha(t) m2) / (sqrt(nu / (1 - b2^t)) + eps) + wd p)
 
 ``alpha(t)`` and ``b3(t)`` warm up over ``alpha_warmup`` / ``beta3_warmup`` steps (paper: both set to the run
-length) with :func:`lmsprint.schedules.ademamix_alpha` / :func:`lmsprint.schedules.ademamix_beta3`, evaluated at
+length) with :func:`ademamix_alpha` / :func:`ademamix_beta3`, evaluated at
 the 1-based step ``t`` as in Algorithm 1. The beta3 warm-up is the paper's formula (linear in ``1/log(beta)``,
 i.e. in the EMA's half-life, as the reference code's ``linear_hl_warmup_scheduler``, which adds ``eps=1e-8``
 inside the log); ``beta1 = 0`` takes the formula's limit.
@@ -24,20 +24,39 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lmsprint.optim.adamw import (
+from lmsprint.config import OptimConfig
+from lmsprint.optim.base import (
     Fp32StateOptimizer,
+    Groups,
     check_betas,
-    check_impl,
     check_lr,
     check_nonnegative,
     compute_view,
+    config_betas,
     foreach_supported,
     params_with_grad,
     run_step,
     state_dtype,
     write_back,
 )
-from lmsprint.schedules import ademamix_alpha, ademamix_beta3
+
+
+def ademamix_alpha(step: int, *, alpha: float, warmup: int) -> float:
+    """AdEMAMix's linear alpha warm-up: ``min(step * alpha / warmup, alpha)`` (Pagliardini et al. 2024, Alg. 1)."""
+    if warmup <= 0:
+        return alpha
+    return min(step * alpha / warmup, alpha)
+
+
+def ademamix_beta3(step: int, *, beta1: float, beta3: float, warmup: int) -> float:
+    """AdEMAMix's beta3 warm-up, linear in the EMA half-life between beta1 and beta3 (paper, Eq. 3 / Alg. 1)."""
+    if warmup <= 0 or beta3 <= 0.0:  # beta3 = 0: the min() below gives 0 anyway
+        return beta3
+    frac = min(step / warmup, 1.0)
+    if beta1 <= 0.0:  # the formula's limit as log(beta1) -> -inf (the reference code allows beta1 = 0)
+        return 0.0 if frac == 0.0 else min(beta3 ** (1.0 / frac), beta3)
+    log_b1, log_b3 = math.log(beta1), math.log(beta3)
+    return min(math.exp(log_b1 * log_b3 / ((1.0 - frac) * log_b3 + frac * log_b1)), beta3)
 
 
 def ademamix_for_(params: list[Tensor], grads: list[Tensor], exp_avg_fast: list[Tensor], exp_avg_slow: list[Tensor],
@@ -112,20 +131,24 @@ class AdEMAMix(Fp32StateOptimizer):
         impl: ``for``, ``foreach`` or ``auto`` (foreach where torch has multi-tensor kernels, i.e. CUDA).
     """
 
+    impls = ("auto", "for", "foreach")
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 5.0,
                  beta3_warmup: int | None = None, alpha_warmup: int | None = None, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, impl: Literal["auto", "for", "foreach"] = "auto") -> None:
         defaults = dict(lr=lr, betas=tuple(betas), alpha=alpha, beta3_warmup=beta3_warmup,
                         alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay)
-        _check(defaults)
-        check_impl(impl, ("auto", "for", "foreach"))
-        self.impl = impl
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    check_hparams = staticmethod(_check)
+
+    @classmethod
+    def from_config(cls, groups: Groups, cfg: OptimConfig, *, total_steps: int, data_parallel: bool) -> AdEMAMix:
+        """Unset warm-ups span the whole run (the paper's choice)."""
+        warmup = {k: total_steps if v is None else v
+                  for k, v in (("alpha_warmup", cfg.alpha_warmup), ("beta3_warmup", cfg.beta3_warmup))}
+        return cls(groups, alpha=cfg.alpha, eps=cfg.eps, impl=cfg.impl, **warmup, **config_betas(cfg))  # type: ignore
 
     def _group_step(self, group: dict[str, Any]) -> None:
         beta1, beta2, beta3 = group["betas"]

@@ -19,13 +19,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lmsprint.optim.adamw import (
+from lmsprint.config import OptimConfig
+from lmsprint.optim.base import (
     Fp32StateOptimizer,
+    Groups,
     check_betas,
-    check_impl,
     check_lr,
     check_nonnegative,
     compute_view,
+    config_betas,
     foreach_supported,
     params_with_grad,
     run_step,
@@ -77,17 +79,17 @@ class Lion(Fp32StateOptimizer):
         impl: ``for``, ``foreach`` or ``auto`` (foreach where torch has multi-tensor kernels, i.e. CUDA).
     """
 
+    impls = ("auto", "for", "foreach")
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, impl: Literal["auto", "for", "foreach"] = "auto") -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-        _check(defaults)
-        check_impl(impl, ("auto", "for", "foreach"))
-        self.impl = impl
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay), impl=impl)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    check_hparams = staticmethod(_check)
+
+    @classmethod
+    def from_config(cls, groups: Groups, cfg: OptimConfig, *, total_steps: int, data_parallel: bool) -> Lion:
+        return cls(groups, impl=cfg.impl, **config_betas(cfg))  # type: ignore[arg-type]
 
     def _group_step(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]

@@ -31,22 +31,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lmsprint.optim.adamw import (
-    IMPLS,
+from lmsprint.config import OptimConfig
+from lmsprint.optim.adamw import AdamW, adamw_group_step, check_adamw_hparams
+from lmsprint.optim.base import (
     Fp32StateOptimizer,
+    Groups,
     Impl,
-    adamw_group_step,
-    check_adamw_hparams,
-    check_impl,
     check_lr,
     check_nonnegative,
     compute_view,
+    config_betas,
     params_with_grad,
     run_step,
     state_dtype,
     write_back,
 )
-from lmsprint.schedules import muon_momentum
+from lmsprint.optim.spread import local, map_matrices, spread_over_ranks
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 AdjustLr = Literal["original", "match_rms_adamw"]
@@ -137,6 +137,14 @@ def muon_batched_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     torch._foreach_add_(params, [u.reshape(p.shape) for u, p in zip(ortho.unbind(0), params)], alpha=-lr)
 
 
+def muon_momentum(step: int, *, momentum: float, warmup: int, start: float = 0.85) -> float:
+    """Muon's momentum warm-up (modded-nanogpt): linear from ``start`` to ``momentum`` over ``warmup`` steps."""
+    if warmup <= 0:
+        return momentum
+    frac = min(step / warmup, 1.0)
+    return (1.0 - frac) * start + frac * momentum
+
+
 def default_ns_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on CUDA (as the reference), float32 elsewhere (CPU bf16 matmuls are slow and gain nothing)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -150,8 +158,6 @@ def muon_group_step(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], 
     The momentum at a parameter's ``k``-th step (0-based) is ``muon_momentum(k, ...)``. FSDP2 shards, and
     whole tensors with ``data_parallel`` on several ranks, go to :func:`muon_group_step_distributed`.
     """
-    from lmsprint.distributed import spread_over_ranks
-
     if spread_over_ranks(group["params"], data_parallel):
         muon_group_step_distributed(state, group, ns_dtype)
         return
@@ -180,11 +186,9 @@ def muon_group_step_distributed(state: dict[Tensor, dict[str, Any]], group: dict
 
     Each rank keeps the momentum of its own tensors (whole under DDP, its row shards under FSDP2) and computes
     the Nesterov blend locally; every matrix is then orthogonalised on one rank and the results sent back
-    (:func:`lmsprint.distributed.map_matrices`: an all-gather under DDP, two all-to-alls under FSDP2). Every
+    (:func:`lmsprint.optim.spread.map_matrices`: an all-gather under DDP, two all-to-alls under FSDP2). Every
     rank must call it with the same parameters.
     """
-    from lmsprint.distributed import local, map_matrices
-
     params = params_with_grad(group)
     if not params:
         return
@@ -274,6 +278,7 @@ class Muon(Fp32StateOptimizer):
     """
 
     _attrs = ("impl", "ns_dtype", "data_parallel")
+    impls = AdamW.impls
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, momentum_warmup: int = 0,
@@ -281,16 +286,17 @@ class Muon(Fp32StateOptimizer):
                  ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         momentum_warmup=momentum_warmup, adjust_lr_fn=adjust_lr_fn)
-        check_muon_hparams(defaults)
-        check_impl(impl, IMPLS)
-        self.impl, self.ns_dtype, self.data_parallel = impl, ns_dtype, data_parallel
-        super().__init__(params, defaults)
+        self.ns_dtype, self.data_parallel = ns_dtype, data_parallel
+        super().__init__(params, defaults, impl=impl)
+
+    @staticmethod
+    def check_hparams(h: dict[str, Any]) -> None:
+        check_muon_hparams(h)
+        if "params" in h:
+            check_matrices(h["params"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        param_group = _listed(param_group)
-        check_muon_hparams({**self.defaults, **param_group})
-        check_matrices(param_group["params"])
-        super().add_param_group(param_group)
+        super().add_param_group(_listed(param_group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -316,14 +322,26 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
     """
 
     _attrs = ("impl", "ns_dtype", "data_parallel")
+    impls = AdamW.impls
 
     def __init__(self, param_groups: Iterable[dict[str, Any]], *, impl: Impl = "auto",
                  ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
-        check_impl(impl, IMPLS)
-        self.impl, self.ns_dtype, self.data_parallel = impl, ns_dtype, data_parallel
+        self.ns_dtype, self.data_parallel = ns_dtype, data_parallel
         # "momentum" in the defaults is what lets OneCycleLR/CyclicLR (cycle_momentum=True) cycle the Muon groups'
         # momentum; torch's schedulers cycle one key for every group, so the AdamW groups' beta1 stays fixed
-        super().__init__(list(param_groups), {"momentum": MUON_DEFAULTS["momentum"]})
+        super().__init__(list(param_groups), {"momentum": MUON_DEFAULTS["momentum"]}, impl=impl)
+
+    @classmethod
+    def from_config(cls, groups: Groups, cfg: OptimConfig, *, total_steps: int,
+                    data_parallel: bool) -> MuonWithAuxAdamW:
+        """Hidden matrices (``use_muon`` groups) on Muon, the rest on AdamW (betas None: (0.9, 0.95))."""
+        for group in groups:
+            if group["use_muon"]:
+                group.update(momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                             momentum_warmup=cfg.momentum_warmup)
+            else:
+                group.update(eps=cfg.eps, **config_betas(cfg))
+        return cls(groups, impl=cfg.impl, data_parallel=data_parallel)  # type: ignore[arg-type]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict) or "use_muon" not in param_group:

@@ -33,17 +33,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmsprint.optim.adamw import (
+from lmsprint.config import OptimConfig
+from lmsprint.distributed import get_rank, world_size
+from lmsprint.optim.base import (
     Fp32StateOptimizer,
+    Groups,
     check_betas,
     check_lr,
     check_nonnegative,
     compute_view,
+    config_betas,
     params_with_grad,
     run_step,
     state_dtype,
     write_back,
 )
+from lmsprint.optim.spread import assign_owners, full, local, local_rows, share_from_owners, spread_over_ranks
 
 Basis = list[Tensor | None]  # one entry per tensor dimension; None = identity (not preconditioned)
 
@@ -193,6 +198,7 @@ class SOAP(Fp32StateOptimizer):
     """
 
     _attrs = ("impl", "data_parallel")
+    impls = ("auto", "for")
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.01,
@@ -201,17 +207,17 @@ class SOAP(Fp32StateOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         normalize_grads=normalize_grads, correct_bias=correct_bias)
-        _check(defaults)
-        self.impl, self.data_parallel = "for", data_parallel
-        super().__init__(params, defaults)
+        self.data_parallel = data_parallel
+        super().__init__(params, defaults, impl="for")
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    check_hparams = staticmethod(_check)
+
+    @classmethod
+    def from_config(cls, groups: Groups, cfg: OptimConfig, *, total_steps: int, data_parallel: bool) -> SOAP:
+        return cls(groups, eps=cfg.eps, precondition_frequency=cfg.precondition_frequency,
+                   max_precond_dim=cfg.max_precond_dim, data_parallel=data_parallel, **config_betas(cfg))
 
     def _group_step(self, group: dict[str, Any]) -> None:
-        from lmsprint.distributed import spread_over_ranks
-
         if spread_over_ranks(group["params"], self.data_parallel):
             self._group_step_distributed(group)
             return
@@ -233,8 +239,6 @@ class SOAP(Fp32StateOptimizer):
         """The same step over data-parallel ranks: every rank keeps the whole state of every matrix and applies the
         preconditioner (FSDP2 shards are all-gathered first and only this rank's rows written back), while each
         eigenbasis that falls due is computed on one rank and all-gathered (:meth:`_spread_bases`)."""
-        from lmsprint.distributed import full, local, local_rows
-
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
         due: list[tuple[dict[str, Any], bool]] = []  # (state, refresh: else the initial eigh)
@@ -263,8 +267,6 @@ class SOAP(Fp32StateOptimizer):
     def _spread_bases(due: list[tuple[dict[str, Any], bool]]) -> None:
         """Compute each due eigenbasis on one rank (an initial ``eigh`` or a refresh, which also moves the
         moments) and all-gather the results, so every rank ends with the same state."""
-        from lmsprint.distributed import assign_owners, get_rank, share_from_owners, world_size
-
         spread = []
         for st, refresh in due:
             if any(gg is not None for gg in st["GG"]):

@@ -62,6 +62,10 @@ class Guard:
         self.rollbacks += 1
         self.bad_in_row = self.overflows_in_row = 0
 
+    def load_average(self, state: dict) -> None:
+        """After a rollback: the loss moving average of a saved ``state``; the counters of the run so far stay."""
+        self.ema, self.seen = state["ema"], state["seen"]
+
     def state_dict(self) -> dict[str, float | int | None]:
         return {"bad_in_row": self.bad_in_row, "bad_total": self.bad_total, "spikes": self.spikes,
                 "rollbacks": self.rollbacks, "ema": self.ema, "seen": self.seen,

@@ -1,18 +1,25 @@
-"""Metrics: the JSONL log every run writes, an optional TensorBoard sink, and the MFU denominator."""
+"""Metrics: the JSONL log every run writes, an optional TensorBoard sink, the training clock, the throughput of
+a log window and the MFU denominator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmsprint.data.sources import cache_root
 from lmsprint.errors import ConfigError, LmsprintError
+
+if TYPE_CHECKING:
+    from lmsprint.data.loader import StepBatch
 
 
 class MetricsLog:
@@ -111,14 +118,108 @@ def read_metrics(path: Path, *, warn: Callable[[str], None] | None = None) -> li
 
 
 def latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records in step order, without those a resume or rollback superseded: a step logged again replaces its
-    earlier record and every record after that."""
+    """Records in step order as the run's last attempt left them: a step logged again (after a resume or a
+    rollback) replaces its earlier record and every later one. Rollback events among ``records`` drop the records
+    after their step at once (for a run that ended before it logged those steps again)."""
     out: list[dict[str, Any]] = []
     for r in records:
-        while out and out[-1]["step"] >= r["step"]:
+        rollback = r.get("kind") == "event" and r.get("event") == "rollback"
+        while out and (out[-1]["step"] > r["step"] if rollback else out[-1]["step"] >= r["step"]):
             out.pop()
-        out.append(r)
+        if not rollback:
+            out.append(r)
     return out
+
+
+def steady(records: list[dict[str, Any]], key: str) -> float | None:
+    """The steady-state value of a train-record field (tokens_per_s, mfu, ...): its median over the log windows
+    after the first quarter (compile and allocator warm-up); None when no record has it."""
+    values = [r[key] for r in records if r.get("kind") == "train" and key in r]
+    return statistics.median(values[len(values) // 4 :] or values) if values else None
+
+
+class Stopwatch:
+    """The training clock: device-synchronised laps, paused around evaluation and checkpointing.
+
+    Args:
+        sync: waits for the device (a no-op on CPU), so a lap ends when the work queued in it is done.
+    """
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.total = 0.0
+        """Seconds of training so far (a resumed run starts from the saved value)."""
+        self._sync = sync
+        self._mark = 0.0
+
+    def start(self) -> None:
+        self._sync()
+        self._mark = time.perf_counter()
+
+    def lap(self) -> None:
+        """Add the time since the last mark to :attr:`total`."""
+        self._sync()
+        now = time.perf_counter()
+        self.total += now - self._mark
+        self._mark = now
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The time spent inside is not training time."""
+        self.lap()
+        try:
+            yield
+        finally:
+            self._mark = time.perf_counter()
+
+
+class MetricsWindow:
+    """What the steps since the last train record did: tokens/s, MFU, padding waste, tokens per row, the pre-clip
+    gradient norm of each step whose statistics reached the host.
+
+    Args:
+        clock: the training clock (the window's time is the training time since :meth:`reset`).
+        world: processes; a step's batch counts the tokens of all of them, its micro-batches are this rank's.
+        flops_6n, flops_per_attended: FLOPs per token are ``flops_6n + flops_per_attended * T``, T the length
+            a step's tokens attend over (it varies: padding, curriculum).
+        peak: the MFU denominator in FLOP/s per GPU, or None (no MFU).
+    """
+
+    def __init__(self, clock: Stopwatch, *, world: int, flops_6n: float, flops_per_attended: float,
+                 peak: float | None) -> None:
+        self.clock, self.world, self.peak = clock, world, peak
+        self.flops_6n, self.flops_per_attended = flops_6n, flops_per_attended
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.slots, self.rows, self.flops = self.clock.total, 0, 0, 0, 0.0
+        self.norms: list[float] = []
+
+    def add(self, batch: StepBatch) -> None:
+        """Count a step taken (or skipped)."""
+        self.tokens += batch.n_tokens
+        self.slots += batch.n_slots  # all ranks: pad/bucket widths differ between ranks
+        self.flops += batch.n_slots * (self.flops_6n + self.flops_per_attended * batch.attn_len)
+        self.rows += sum(mb.inputs.shape[0] for mb in batch.micro) * self.world
+
+    def stats(self) -> dict[str, Any]:
+        """The window's fields of a train record (then a new window starts)."""
+        dt = max(self.clock.total - self.start, 1e-9)
+        out: dict[str, Any] = {"grad_norms": self.norms, "tokens_per_s": self.tokens / dt,
+                               "waste": 1.0 - self.tokens / max(self.slots, 1),
+                               "tokens_per_row": self.tokens / max(self.rows, 1)}
+        if self.peak:
+            out["mfu"] = self.flops / dt / self.world / self.peak  # per GPU, against its peak
+        self.reset()
+        return out
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process (0 without importing Dynamo when nothing was compiled)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def measure_peak_flops(device: torch.device, *, n: int = 8192, iters: int = 10) -> float:

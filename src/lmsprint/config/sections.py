@@ -1,0 +1,399 @@
+"""The sections of a run config: one dataclass each, whose field docstrings are the ``--help`` text and the
+generated reference (``docs/config.md``), and whose ``check`` method holds every rule on its own values."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmsprint.config.values import check_choices, require
+
+
+@dataclass
+class ModelConfig:
+    """The network: size preset and architecture options."""
+
+    preset: Literal["tiny", "small", "gpt2-124m", "gpt2-350m"] = "tiny"
+    """Named size: tiny (~1.4M params with a 4K vocabulary, CPU), small (~30M), gpt2-124m (GPT-2 small shape),
+    gpt2-350m (GPT-2 medium shape)."""
+    n_layer: int | None = None
+    """Number of transformer blocks (overrides the preset)."""
+    n_head: int | None = None
+    """Number of attention heads (overrides the preset)."""
+    n_embd: int | None = None
+    """Residual stream width (overrides the preset)."""
+    pos_emb: Literal["rope", "learned"] = "rope"
+    """Position encoding: rotary (rope) or GPT-2's learned absolute embeddings (learned)."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer used before attention, before the MLP and at the end."""
+    mlp: Literal["gelu", "swiglu", "relu2"] = "swiglu"
+    """MLP type: GELU (GPT-2), SwiGLU (Llama) or squared ReLU (modded-nanogpt)."""
+    mlp_hidden: int | None = None
+    """MLP hidden width; default 4 x n_embd for gelu/relu2 and 8/3 x n_embd (rounded to 64) for swiglu."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before attention (stabilises high learning rates)."""
+    logit_softcap: float = 0.0
+    """If > 0, squash logits as cap * tanh(logits / cap) before the loss (0 = off)."""
+    rope_base: float = 10000.0
+    """Rotary embedding base (theta)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of linear and embedding weights."""
+    zero_init_proj: bool = False
+    """Initialise residual output projections to zero instead of init_std / sqrt(2 n_layer)."""
+    vocab_multiple: int = 64
+    """Pad the vocabulary (embedding rows) to a multiple of this, for tensor-core friendly matmuls."""
+
+    def check(self) -> None:
+        """Sizes and options in range (the shape a preset makes is checked by :func:`lmsprint.model.model_shape`)."""
+        check_choices("model", self)
+        for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
+            v = getattr(self, key)
+            require(v is None or v > 0, f"--model.{key} must be positive, got {v}")
+        require(self.logit_softcap >= 0, f"--model.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
+        require(self.init_std > 0, f"--model.init_std must be > 0, got {self.init_std}")
+        require(self.vocab_multiple >= 1, f"--model.vocab_multiple must be >= 1, got {self.vocab_multiple}")
+        require(self.rope_base > 0, f"--model.rope_base must be > 0, got {self.rope_base}")
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and batching."""
+
+    source: str = "stdlib"
+    """Training text: a named dataset (stdlib, tinyshakespeare), a prepared data directory, a file, a directory
+    or a glob of .txt/.jsonl/.parquet files (optionally .gz/.xz/.bz2/.zst), or a Hugging Face datasets
+    directory (save_to_disk)."""
+    val_source: str | None = None
+    """Separate validation text; if unset, val_fraction of the documents is held out."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation when there is no val_source (whole documents)."""
+    text_docs: Literal["auto", "file", "paragraph"] = "auto"
+    """How .txt files split into documents: one per file, one per blank-line separated paragraph, or auto
+    (a single file splits by paragraph, several files are one document each)."""
+    tokenizer: str = "bpe"
+    """bpe (train a byte-level BPE on the corpus), byte (raw UTF-8 bytes) or a path to a tokenizer.json."""
+    vocab_size: int = 4096
+    """Vocabulary size when training a BPE tokenizer."""
+    cache_dir: str | None = None
+    """Where prepared shards are cached (default $LMSPRINT_CACHE or ~/.cache/lmsprint)."""
+    seq_len: int = 256
+    """Maximum sequence length (tokens per row); also the model's maximum position."""
+    batching: Literal["pack", "pad", "bucket", "best-fit", "random"] = "pack"
+    """pack: concatenate documents and cut fixed rows; pad: one document per row, padded; bucket: like pad
+    with rows grouped by length; best-fit: whole documents placed into rows by best-fit decreasing; random:
+    rows are windows of the concatenated stream at random offsets, drawn with replacement (nanoGPT)."""
+    doc_mask: bool = False
+    """With pack: tokens attend only within their own document and positions restart at each document."""
+    pad_multiple: int = 64
+    """pad/bucket: rows are padded to the batch's longest row rounded up to a multiple of this."""
+    bucket_window: int = 64
+    """bucket: number of batches whose rows are sorted by length together."""
+    seq_schedule: Literal["none", "linear", "stages", "tokens"] = "none"
+    """Sequence-length curriculum: grow from seq_start to seq_len linearly, in doubling stages, or at
+    token milestones. Shapes stay fixed: short sequences are segments of a full row, so nothing recompiles."""
+    seq_start: int = 64
+    """First sequence length of the curriculum (must divide seq_len)."""
+    seq_warmup: float = 0.25
+    """linear/stages: fraction of the training steps over which the length grows to seq_len."""
+    seq_milestones: list[int] = field(default_factory=list)
+    """tokens: training-token counts at which the length doubles (from seq_start up to seq_len)."""
+    seq_multiple: int = 64
+    """linear: lengths are rounded down to a multiple of this (a power of two dividing seq_len)."""
+    short_mix: float = 0.0
+    """After the curriculum ends, the fraction of rows still cut into seq_start-long sequences."""
+    workers: int = 0
+    """Processes used by prepare (0 = all cores)."""
+
+    def check(self) -> None:
+        check_choices("data", self)
+        require(0.0 <= self.val_fraction < 1.0, f"--data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.vocab_size >= 260, f"--data.vocab_size must be at least 260 (bytes + specials), got "
+               f"{self.vocab_size}")
+        require(self.seq_len >= 8, f"--data.seq_len must be at least 8, got {self.seq_len}")
+        require(self.pad_multiple >= 1, f"--data.pad_multiple must be >= 1, got {self.pad_multiple}")
+        require(self.bucket_window >= 1, f"--data.bucket_window must be >= 1, got {self.bucket_window}")
+        require(self.workers >= 0, f"--data.workers must be >= 0 (0 = all cores), got {self.workers}")
+        require(0.0 <= self.short_mix <= 1.0, f"--data.short_mix must be in [0, 1], got {self.short_mix}")
+        seq_len, start, milestones = self.seq_len, self.seq_start, self.seq_milestones
+        if self.seq_schedule != "none" or self.short_mix > 0:
+            require(0 < start <= seq_len and seq_len % start == 0,
+                   f"--data.seq_start must divide --data.seq_len={seq_len}, got {start}")
+            require(self.batching in ("pack", "best-fit", "random"),
+                    f"--data.seq_schedule needs --data.batching=pack, best-fit or random, got {self.batching}")
+        if self.seq_schedule in ("linear", "stages"):
+            require(0.0 < self.seq_warmup <= 1.0, f"--data.seq_warmup must be in (0, 1], got {self.seq_warmup}")
+        if self.seq_schedule == "linear":
+            m = self.seq_multiple
+            require(m > 0 and seq_len % m == 0 and start % m == 0,
+                   f"--data.seq_multiple={m} must divide seq_start={start} and seq_len={seq_len}")
+        if self.seq_schedule == "tokens":
+            require(len(milestones) > 0, "--data.seq_schedule=tokens needs --data.seq_milestones=T1,T2,...")
+            require(all(b > a for a, b in zip(milestones, milestones[1:])) and milestones[0] > 0,
+                   f"--data.seq_milestones must be positive and increasing, got {milestones}")
+            doublings = math.ceil(math.log2(seq_len / start)) if 0 < start < seq_len else 0
+            require(len(milestones) >= doublings,
+                   f"--data.seq_milestones has {len(milestones)} milestones but {start} -> {seq_len} "
+                   f"needs {doublings} doublings; give {doublings} token counts")
+        if self.doc_mask:
+            require(self.batching in ("pack", "best-fit", "random"), "--data.doc_mask applies to "
+                    "pack/best-fit/random rows; pad and bucket rows hold one document already")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and its hyperparameters."""
+
+    name: Literal["adamw", "lion", "soap", "ademamix", "muon"] = "adamw"
+    """adamw, lion, soap, ademamix or muon (Muon for hidden matrices, AdamW for the rest)."""
+    lr: float = 3e-3
+    """Peak learning rate of the main (hidden-matrix) group."""
+    embed_lr: float | None = None
+    """Peak learning rate of the embeddings (default: lr)."""
+    head_lr: float | None = None
+    """Peak learning rate of an untied output head (default: lr)."""
+    scalar_lr: float | None = None
+    """Peak learning rate of norm gains and other 1-D tensors (default: lr)."""
+    betas: list[float] | None = None
+    """Moment decay rates (two values; three for ademamix: beta1, beta2, beta3). Default: the paper's."""
+    eps: float = 1e-8
+    """Denominator epsilon of Adam-type updates."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of every tensor with 2+ dimensions, embeddings included (nanoGPT's rule); norm
+    gains and biases get none."""
+    embed_weight_decay: float | None = None
+    """Weight decay of the embeddings (default: weight_decay; 0 exempts them). fixed mode only."""
+    head_weight_decay: float | None = None
+    """Weight decay of an untied output head (default: weight_decay). fixed mode only."""
+    weight_decay_mode: Literal["fixed", "horizon"] = "fixed"
+    """fixed: use weight_decay as given; horizon: set it so 1/(lr*wd) = wd_horizon x total steps."""
+    wd_horizon: float = 0.1
+    """horizon mode: the AdamW averaging timescale tau_iter = 1/(lr*wd) as a fraction of total steps."""
+    impl: Literal["auto", "for", "foreach", "fused"] = "auto"
+    """Kernel path: per-tensor loop, foreach (multi-tensor) or fused; auto picks the fastest available."""
+    momentum: float = 0.95
+    """muon: momentum coefficient."""
+    nesterov: bool = True
+    """muon: use Nesterov momentum."""
+    ns_steps: int = 5
+    """muon: Newton-Schulz iterations."""
+    momentum_warmup: int = 0
+    """muon: steps over which momentum rises from 0.85 to its value (0 = off)."""
+    precondition_frequency: int = 10
+    """soap: steps between eigenbasis refreshes."""
+    max_precond_dim: int = 10000
+    """soap: dimensions larger than this (e.g. the vocabulary) are left unpreconditioned."""
+    alpha: float = 5.0
+    """ademamix: weight of the slow EMA."""
+    alpha_warmup: int | None = None
+    """ademamix: steps of the alpha warm-up (default: the whole run)."""
+    beta3_warmup: int | None = None
+    """ademamix: steps of the beta3 warm-up (default: the whole run)."""
+
+    def check(self) -> None:
+        """Every hyperparameter in range, those of the chosen optimizer included (the kernel paths an optimizer
+        has, and what depends on the run's length, are checked by :func:`lmsprint.optim.build_optimizer`)."""
+        check_choices("optim", self)
+        for key in ("lr", "embed_lr", "head_lr", "scalar_lr"):
+            v = getattr(self, key)
+            require(v is None or (v > 0 and math.isfinite(v)), f"--optim.{key} must be a positive number, got {v}")
+        for key in ("weight_decay", "embed_weight_decay", "head_weight_decay"):
+            v = getattr(self, key)
+            require(v is None or (math.isfinite(v) and v >= 0), f"--optim.{key} must be >= 0, got {v}")
+        per_group = self.embed_weight_decay is not None or self.head_weight_decay is not None
+        require(self.weight_decay_mode == "fixed" or not per_group, "--optim.embed_weight_decay/head_weight_decay "
+               "apply to --optim.weight_decay_mode=fixed; horizon mode derives every group's decay from its lr")
+        require(math.isfinite(self.eps) and self.eps > 0, f"--optim.eps must be a positive number, got {self.eps}")
+        require(math.isfinite(self.wd_horizon) and self.wd_horizon > 0, f"--optim.wd_horizon must be a positive "
+               f"number, got {self.wd_horizon}")
+        require(math.isfinite(self.alpha) and self.alpha >= 0, f"--optim.alpha must be a number >= 0, got {self.alpha}")
+        if self.betas is not None:
+            n = 3 if self.name == "ademamix" else 2
+            require(len(self.betas) == n, f"--optim.betas needs {n} values for {self.name}"
+                   f"{' (beta1, beta2, beta3)' if n == 3 else ''}, got {self.betas}")
+            require(all(0.0 <= b < 1.0 for b in self.betas), f"--optim.betas must each be in [0, 1), got {self.betas}")
+        if self.name == "muon":
+            require(0.0 <= self.momentum < 1.0, f"--optim.momentum must be in [0, 1), got {self.momentum}")
+            require(self.ns_steps >= 1, f"--optim.ns_steps must be >= 1, got {self.ns_steps}")
+            require(self.momentum_warmup >= 0, f"--optim.momentum_warmup must be >= 0 (0 = off), got "
+                   f"{self.momentum_warmup}")
+        if self.name == "soap":
+            require(self.precondition_frequency >= 1, f"--optim.precondition_frequency must be >= 1, got "
+                   f"{self.precondition_frequency}")
+            require(self.max_precond_dim >= 1, f"--optim.max_precond_dim must be >= 1, got {self.max_precond_dim}")
+        if self.name == "ademamix":
+            for key in ("alpha_warmup", "beta3_warmup"):
+                v = getattr(self, key)
+                require(v is None or v >= 0, f"--optim.{key} must be >= 0 (0 = off; unset = the whole run), got {v}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up, then a decay shape down to a floor."""
+
+    name: Literal["cosine", "sqrt", "linear", "constant", "wsd"] = "cosine"
+    """Decay shape after warm-up; wsd is warmup-stable-decay with a cool-down of decay_fraction."""
+    warmup_steps: int | None = None
+    """Warm-up length in optimizer steps (overrides warmup_fraction)."""
+    warmup_fraction: float | None = None
+    """Warm-up length as a fraction of the run. Default (neither set): 20% of the run, but at most the larger of 2%
+    and 200 steps, the rule measured for AdamW (docs/schedules.md)."""
+    start_factor: float | None = None
+    """Warm-up starts at start_factor x peak lr. Default: 1/(warm-up steps + 1), nanoGPT's lr (it+1)/(W+1)."""
+    min_lr: float | None = None
+    """Absolute lr floor reached at the last step (overrides min_lr_ratio)."""
+    min_lr_ratio: float = 0.1
+    """lr floor as a fraction of the peak."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the run spent cooling down."""
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    """wsd: shape of the cool-down."""
+
+    def check(self, *, peak_lr: float | None = None) -> None:
+        """Settings in range, and with ``peak_lr`` (--optim.lr) an absolute floor below it (what depends on the
+        run's length is checked by :func:`lmsprint.schedules.resolve_schedule`)."""
+        check_choices("schedule", self)
+        require(self.warmup_steps is None or self.warmup_steps >= 0, f"--schedule.warmup_steps must be >= 0, got "
+               f"{self.warmup_steps}")
+        require(self.warmup_fraction is None or 0.0 <= self.warmup_fraction < 1.0,
+                f"--schedule.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        require(self.start_factor is None or 0.0 < self.start_factor <= 1.0,
+                f"--schedule.start_factor must be in (0, 1], got {self.start_factor}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"--schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if peak_lr is not None:
+            require(self.min_lr is None or 0 <= self.min_lr <= peak_lr,
+                   f"--schedule.min_lr={self.min_lr} must be between 0 and the peak --optim.lr={peak_lr}")
+        require(0.0 < self.decay_fraction <= 1.0, f"--schedule.decay_fraction must be in (0, 1], got "
+               f"{self.decay_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 500
+    """Optimizer steps (ignored when epochs is set)."""
+    epochs: float | None = None
+    """If set, train for this many passes over the training tokens (sets steps)."""
+    stop_at_step: int | None = None
+    """End the run at this step (evaluated and checkpointed) while the schedule still spans the whole run, so
+    --resume continues it exactly as if it had never stopped (random-restart probes use this)."""
+    batch_size: int = 16
+    """Global batch in rows of seq_len tokens per optimizer step (same for any number of GPUs)."""
+    micro_batch_size: int | None = None
+    """Rows per forward pass on each process (default: batch_size / world size); gradient accumulation
+    makes up the rest."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto uses CUDA when available."""
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU. bf16-pure keeps bf16 weights with fp32 optimizer state."""
+    compile: bool = False
+    """torch.compile the transformer blocks and the loss head."""
+    flex_attention: bool = True
+    """Document masks through FlexAttention on compiled CUDA runs (else SDPA with a dense mask)."""
+    seed: int = 1337
+    """Seed of the initial weights and the data order."""
+    eval_every: int = 100
+    """Evaluate every this many steps (and at the end); 0 = only at the end."""
+    eval_tokens: int = 32768
+    """Validation tokens per evaluation (a fixed set, the same every time)."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    ckpt_every: int = 200
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (with the guard on, also the newest one that passed it)."""
+    clip_norm: float = 1.0
+    """Clip gradients to this global L2 norm (0 = off)."""
+    clip_value: float = 0.0
+    """Clip each gradient element to [-clip_value, clip_value] (0 = off)."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    run_name: str | None = None
+    """Run directory name (default: a timestamp)."""
+    peak_tflops: float | None = None
+    """Dense bf16 peak of the GPU for MFU (default: measured once and cached)."""
+
+    def check(self) -> None:
+        check_choices("train", self)
+        require(self.steps > 0, f"--train.steps must be positive, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, f"--train.epochs must be positive, got {self.epochs}")
+        require(self.batch_size > 0, f"--train.batch_size must be positive, got {self.batch_size}")
+        if self.micro_batch_size is not None:
+            micro = self.micro_batch_size
+            require(micro > 0, f"--train.micro_batch_size must be positive, got {micro}")
+            require(self.batch_size % micro == 0, f"--train.batch_size={self.batch_size} is not divisible by "
+                   f"--train.micro_batch_size={micro}; pick a micro-batch that divides it")
+        require(self.eval_every >= 0 and self.log_every > 0 and self.ckpt_every >= 0,
+               "--train.eval_every and --train.ckpt_every must be >= 0 and --train.log_every > 0")
+        require(self.eval_tokens > 0, f"--train.eval_tokens must be positive, got {self.eval_tokens}")
+        require(self.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        require(self.clip_norm >= 0 and self.clip_value >= 0,
+               "--train.clip_norm and --train.clip_value must be >= 0 (0 = off)")
+        require(self.peak_tflops is None or self.peak_tflops > 0, f"--train.peak_tflops must be positive, got "
+               f"{self.peak_tflops}")
+        require(self.stop_at_step is None or self.stop_at_step > 0,
+               f"--train.stop_at_step must be a positive step (or none), got {self.stop_at_step}")
+        if self.run_name is not None:
+            require(self.run_name.strip() != "" and "/" not in self.run_name and self.run_name not in (".", ".."),
+                   f"--train.run_name must be a plain directory name, got {self.run_name!r}")
+
+
+@dataclass
+class GuardConfig:
+    """Non-finite and loss-spike protection."""
+
+    enabled: bool = True
+    """Skip steps whose loss or gradient norm is NaN/inf (one host sync per step)."""
+    max_bad_steps: int = 3
+    """Roll back to the last good checkpoint after this many bad steps in a row."""
+    spike_factor: float = 0.0
+    """Roll back when the loss exceeds this multiple of its moving average (0 = off)."""
+    spike_warmup: int = 50
+    """Steps before spike detection starts (the moving average needs history)."""
+    ema: float = 0.95
+    """Decay of the loss moving average used by spike detection."""
+    rollback_lr_factor: float = 1.0
+    """Multiply the learning rate by this after each rollback (1 = unchanged)."""
+    rollback_reseed: bool = True
+    """Reshuffle the data order after a rollback so the same batches are not replayed."""
+    max_rollbacks: int = 5
+    """Give up (stop the run with an error) after this many rollbacks."""
+
+    def check(self) -> None:
+        require(self.max_bad_steps >= 1, f"--guard.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        require(self.spike_warmup >= 0, f"--guard.spike_warmup must be >= 0, got {self.spike_warmup}")
+        require(self.spike_factor == 0 or self.spike_factor > 1, f"--guard.spike_factor must be 0 (off) or > 1, got "
+               f"{self.spike_factor}")
+        require(0.0 < self.ema < 1.0, f"--guard.ema must be in (0, 1), got {self.ema}")
+        require(0.0 < self.rollback_lr_factor <= 1.0, f"--guard.rollback_lr_factor must be in (0, 1], got "
+               f"{self.rollback_lr_factor}")
+        require(self.max_rollbacks >= 0, f"--guard.max_rollbacks must be >= 0, got {self.max_rollbacks}")
+
+
+@dataclass
+class LogConfig:
+    """Metrics, plots and progress output."""
+
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to the run directory (needs the tensorboard package)."""
+    plot: bool = True
+    """Draw loss.png (train/val loss and lr) at the end of the run."""
+
+    def check(self) -> None:
+        check_choices("log", self)
+
+
+@dataclass
+class DistConfig:
+    """Multi-GPU training through torch.distributed."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp (replicated weights) or fsdp (FSDP2 fully_shard per block, then the root)."""
+
+    def check(self) -> None:
+        check_choices("dist", self)
