@@ -388,6 +388,22 @@ def test_an_error_under_progress_bars_is_one_line_on_screen(tmp_path: Path, monk
                                      "object"], err
 
 
+def test_a_training_bar_is_wiped_when_training_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The training loop's bar (say a run diverges at step 3) leaves the screen to the error line; a loop that
+    ends normally keeps its bar."""
+    from lmsprint.config import LogConfig
+    from lmsprint.training.report import Report
+
+    report = Report(tmp_path, LogConfig(progress=True), is_main=True)
+    with pytest.raises(CheckpointError), report.progress(10, 0) as bar:
+        bar.update(3)
+        raise CheckpointError("training diverged")
+    assert screen_lines(capsys.readouterr().err) == []
+    with report.progress(10, 0) as bar:
+        bar.update(10)
+    assert screen_lines(capsys.readouterr().err)[0].startswith("train: 100%")
+
+
 def _assert_untouched(d: Path, before: dict[str, tuple[bool, int, int]]) -> None:
     after = _snapshot(d)
     changed = sorted(k for k in before if k in after and before[k] != after[k] and not before[k][0])

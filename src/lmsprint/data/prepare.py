@@ -30,6 +30,7 @@ from lmsprint.data import sources
 from lmsprint.data.shards import Shard, ShardWriter, read_shard
 from lmsprint.data.tokenizer import TextTokenizer, byte_tokenizer, load_tokenizer, train_bpe
 from lmsprint.errors import DataError
+from lmsprint.progress import progress_bar
 
 META_VERSION = 1
 SHARD_TOKENS = 200_000_000  # start a new shard after this many tokens (400 MB as uint16)
@@ -114,19 +115,10 @@ class _SplitWriter:
         self._finish()
 
 
-@contextlib.contextmanager
-def _bar(desc: str, total: int, enabled: bool, leave: bool = True) -> Iterator[tqdm]:
-    """A progress bar over file bytes that appears only once the work takes a while (``BAR_DELAY``), and that is
-    wiped, not left as a line above the error, when the work fails (so an error stays one line)."""
-    bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, disable=not enabled, leave=leave,
-               delay=BAR_DELAY)
-    try:
-        yield bar
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
+def _bar(desc: str, total: int, enabled: bool, leave: bool = True) -> contextlib.AbstractContextManager[tqdm]:
+    """A progress bar over file bytes that appears only once the work takes a while (``BAR_DELAY``)."""
+    return progress_bar(enabled=enabled, total=total or None, unit="B", unit_scale=True, desc=desc, leave=leave,
+                        delay=BAR_DELAY)
 
 
 def _make_tokenizer(spec: str, vocab_size: int, train_source: sources.Source, progress: bool) -> TextTokenizer:

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from lmsprint.config import LogConfig
+from lmsprint.progress import progress_bar
 from lmsprint.training.metrics import MetricsLog
 
 
@@ -52,13 +53,10 @@ class Report:
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int) -> Iterator[tqdm]:
-        """The progress bar of the training loop."""
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
-                        disable=not (self.log.progress and self.is_main))
-        try:
+        """The progress bar of the training loop (erased if the loop fails: the error stays one line)."""
+        with progress_bar(enabled=self.log.progress and self.is_main, total=total, initial=initial, desc="train",
+                          dynamic_ncols=True) as self.bar:
             yield self.bar
-        finally:
-            self.bar.close()
 
     def train(self, record: dict[str, Any]) -> None:
         self.event("train", **record)
