@@ -421,6 +421,33 @@ def test_resume_with_a_new_lr_trains_on_it(tmp_path: Path, corpus: Path) -> None
     assert resume_config(tmp_path / "run", []).optim.lr == 0.03
 
 
+def test_a_rollback_behind_the_resume_keeps_the_new_lr(tmp_path: Path, corpus: Path) -> None:
+    """A spike after a resume with a new --optim.lr rolls back to the checkpoint written before it: the run goes
+    on with the new peak, not the one that checkpoint's optimizer state brings back."""
+    from lmsprint.training.trainer import Callback
+
+    kw = dict(train__steps=10, train__ckpt_every=4, guard__spike_factor=3, guard__spike_warmup=2)
+    train(tiny_config(corpus, optim__lr=0.03, **kw), run_dir=tmp_path / "reference")
+    train(tiny_config(corpus, train__stop_at_step=4, **kw), run_dir=tmp_path / "run")
+
+    class Spike(Callback):
+        done = False
+
+        def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+            if step == 6 and not self.done:
+                self.done = True
+                return loss * 100
+            return loss
+
+    trainer = Trainer(resume_config(tmp_path / "run", ["--optim.lr=0.03", "--train.stop_at_step=none"]),
+                      tmp_path / "run", resume=True, callbacks=[Spike()])
+    assert trainer.run().rollbacks == 1
+    rollback = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert [r["step"] for r in rollback] == [4]
+    got, want = _lrs(tmp_path / "run"), _lrs(tmp_path / "reference")
+    assert [got[s] for s in range(5, 11)] == pytest.approx([want[s] for s in range(5, 11)], rel=1e-12)
+
+
 def test_resume_with_unchanged_settings_keeps_the_saved_peaks_bit_for_bit(tmp_path: Path, corpus: Path) -> None:
     straight = train(tiny_config(corpus, train__steps=8), run_dir=tmp_path / "straight")
     train(tiny_config(corpus, train__steps=8, train__stop_at_step=4), run_dir=tmp_path / "run")
@@ -480,6 +507,7 @@ def test_an_older_checkpoint_of_another_optimizer_is_told_by_its_groups(run: Pat
     (("--train.run_name=other",), "resume cannot change --train.run_name: the run stays in good"),
     (("--train.out_dir=elsewhere",), "resume cannot change --train.out_dir"),
     (("--train.steps=3",), "the run is at step 4 already, past the 3 steps"),
+    (("--train.steps=3", "--log.tensorboard=true"), "the run is at step 4 already"),  # no event file either
     (("--train.stop_at_step=4",), "--train.stop_at_step=4 is not after the step the run is at (4)"),
     (("--optim.name=soap", "--resume-fresh-optimizer", "--optim.max_precond_dim=8", "--train.steps=3"),
      "the run is at step 4 already"),
