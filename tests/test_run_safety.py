@@ -462,8 +462,8 @@ def test_changing_the_optimizer_on_resume_is_refused_and_writes_nothing(run: Pat
                                                                        optimizer: str) -> None:
     before = _snapshot(run)
     proc = _cli("train", "--resume", "good", f"--optim.name={optimizer}", "--train.steps=6", capsys=capsys)
-    assert_clean_error(proc, f"resume cannot change --optim.name (adamw -> {optimizer}) on the checkpoint's "
-                             "optimizer state; pass --resume-fresh-optimizer")
+    assert_clean_error(proc, f"resume cannot change --optim.name (adamw -> {optimizer}): the checkpoint holds "
+                             "adamw's state; pass --resume-fresh-optimizer")
     assert _snapshot(run) == before
 
 

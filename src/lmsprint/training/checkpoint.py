@@ -258,9 +258,10 @@ def _check_shape(path: Path, config: GPTConfig) -> None:
     tables = _rotary_bytes(config)
     free = _available_memory()
     if free is not None and tables > free:
-        raise CheckpointError(f"checkpoint {path}: meta.json describes a model whose rotary tables alone (block_size "
-                              f"{config.block_size}) need {tables / 2**30:.1f} GiB, more than the {free / 2**30:.1f} "
-                              "GiB of memory available; the checkpoint is corrupt")
+        raise CheckpointError(f"checkpoint {path}: the rotary tables alone of the model its meta.json describes "
+                              f"(block_size {config.block_size}) need {tables / 2**30:.1f} GiB, more than the "
+                              f"{free / 2**30:.1f} GiB of memory available: a corrupt meta.json, or a machine too "
+                              "small for this model")
     try:
         # block_size only sizes rotary tables (real memory even on the meta device) and a learned wpe (a parameter)
         probe = replace(config, block_size=1) if config.pos_emb == "rope" else config
@@ -285,6 +286,16 @@ def _available_memory() -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
+        return None
+
+
+def verified_file(path: Path, name: str) -> Path | None:
+    """``path / name`` if the checkpoint's meta.json lists it and it passes its checksum (the rest of the checkpoint
+    is not verified), else None."""
+    try:
+        digest = json.loads((path / "meta.json").read_text())["files"][name]
+        return path / name if isinstance(digest, str) and _sha256(path / name) == digest else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

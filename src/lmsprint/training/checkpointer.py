@@ -24,6 +24,7 @@ from lmsprint.training import checkpoint as ckpt
 
 OptimizerLoad = Literal["load", "fresh", "fit"]
 
+
 class Checkpointer:
     """Saves and loads a run's state as one checkpoint.
 

@@ -4,7 +4,6 @@ removed again when a fresh run fails before it trained."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -127,16 +126,13 @@ def tokenizer_bytes(tokenizer: TextTokenizer) -> bytes:
 
 def run_tokenizer(run_dir: Path) -> tuple[TextTokenizer, Path] | None:
     """The tokenizer a run was trained with, and where it was read: the copy in its newest checkpoint whose copy
-    passes its checksum (a checkpoint is otherwise not verified here: the run's tokenizer never changes), else the
-    run's tokenizer.json (a run checkpointed before checkpoints held a copy, or not at all); None if it has none."""
+    passes its checksum (the run's tokenizer never changes, so the rest of that checkpoint need not be verified
+    here), else the run's tokenizer.json (a run checkpointed before checkpoints held a copy, or not at all); None
+    if it has none."""
     for path in reversed(ckpt.list_checkpoints(run_dir / "checkpoints")):
-        try:
-            digest = json.loads((path / "meta.json").read_text())["files"][TOKENIZER]
-            ok = isinstance(digest, str) and _file_sha(path / TOKENIZER) == bytes.fromhex(digest)
-        except (OSError, ValueError, KeyError, TypeError):
-            ok = False
-        if ok:
-            return load_tokenizer(path / TOKENIZER), path / TOKENIZER
+        copy = ckpt.verified_file(path, TOKENIZER)
+        if copy is not None:
+            return load_tokenizer(copy), copy
     tok_path = run_dir / TOKENIZER
     return (load_tokenizer(tok_path), tok_path) if tok_path.exists() else None
 
@@ -202,12 +198,14 @@ def resume_config(run_dir: Path, overrides: list[str], *, fresh_optimizer: bool 
     if cfg.model != saved.model or cfg.data.seq_len != saved.data.seq_len:
         raise ConfigError("resume cannot change the model shape (--model.*, --data.seq_len); start a new run instead")
     o, was = cfg.optim, saved.optim
-    state = (f"--optim.name ({was.name} -> {o.name})" if o.name != was.name else
-             f"--optim.max_precond_dim ({was.max_precond_dim} -> {o.max_precond_dim}: SOAP's saved preconditioners "
-             "have the old sizes)" if o.name == "soap" and o.max_precond_dim != was.max_precond_dim else None)
-    if state is not None and not fresh_optimizer:
-        raise ConfigError(f"resume cannot change {state} on the checkpoint's optimizer state; pass "
-                          "--resume-fresh-optimizer to continue the weights with a fresh optimizer, or start a new run")
+    change = (f"--optim.name ({was.name} -> {o.name}): the checkpoint holds {was.name}'s state"
+              if o.name != was.name else
+              f"--optim.max_precond_dim ({was.max_precond_dim} -> {o.max_precond_dim}): the checkpoint holds SOAP "
+              "preconditioners of the old sizes" if o.name == "soap" and o.max_precond_dim != was.max_precond_dim
+              else None)
+    if change is not None and not fresh_optimizer:
+        raise ConfigError(f"resume cannot change {change}; pass --resume-fresh-optimizer to continue the weights "
+                          "with a fresh optimizer, or start a new run")
     moved = [f"--train.{k}" for k in ("out_dir", "run_name") if getattr(cfg.train, k) != getattr(saved.train, k)]
     if moved:
         raise ConfigError(f"resume cannot change {' or '.join(moved)}: the run stays in {run_dir}; copy the run "
