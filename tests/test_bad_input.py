@@ -29,7 +29,7 @@ from lmsprint.config import ModelConfig
 from lmsprint.data.prepare import prepare
 from lmsprint.data.tokenizer import train_bpe
 from lmsprint.errors import CheckpointError
-from lmsprint.model import resolve_model_config
+from lmsprint.model import build_model, resolve_model_config
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.trainer import train
 
@@ -425,8 +425,9 @@ def test_inventory_is_documented() -> None:
 
 
 def _save(root: Path, step: int) -> Path:
-    config = resolve_model_config(ModelConfig(), vocab_size=257, block_size=16)
-    return ckpt.save_checkpoint(root, step, model_sd={"w": torch.zeros(4)}, state={"step": step},
+    config = resolve_model_config(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=257, block_size=16)
+    model = build_model(config, device=torch.device("cpu"), seed=step)  # a checkpoint's weights fit its meta.json
+    return ckpt.save_checkpoint(root, step, model_sd=ckpt.model_state(model), state={"step": step},
                                 model_config=config, keep=3)
 
 

@@ -23,7 +23,7 @@ from conftest import make_docs, run_cli, screen_lines, tiny_config
 
 from lmsprint.config import ModelConfig
 from lmsprint.errors import CheckpointError
-from lmsprint.model import resolve_model_config
+from lmsprint.model import build_model, resolve_model_config
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training import memory
 from lmsprint.training.memory import GPUOutOfMemory, suggest_micro_batch
@@ -199,8 +199,9 @@ def test_sample_and_export_of_a_file_are_clean_errors(tmp_path: Path, finished_r
 
 
 def _save(root: Path, step: int, keep: int = 2) -> Path:
-    config = resolve_model_config(ModelConfig(), vocab_size=257, block_size=16)
-    return ckpt.save_checkpoint(root, step, model_sd={"w": torch.full((4,), float(step))}, state={"step": step},
+    config = resolve_model_config(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=257, block_size=16)
+    model = build_model(config, device=torch.device("cpu"), seed=step)  # a checkpoint's weights fit its meta.json
+    return ckpt.save_checkpoint(root, step, model_sd=ckpt.model_state(model), state={"step": step},
                                 model_config=config, keep=keep)
 
 

@@ -360,7 +360,7 @@ def test_ademamix_beta3_warmup_from_beta1_zero_is_the_formulas_limit():
         (ScheduleConfig(), -3, "--train.steps=-3"),
         (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 must be between 0 and the peak --optim.lr=0.01"),
         (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 must be between 0 and the peak"),
-        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan must be between 0 and the peak"),
+        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr must be a finite number, got nan"),
         (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio must be in [0, 1], got 1.5"),
         (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor must be in (0, 1], got 0.0"),
         (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction must be in (0, 1], got 0.0"),

@@ -61,9 +61,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.training.trainer import new_run_dir, resume_config, train
 
     overrides = _with_data(args, overrides)
+    if args.resume_fresh_optimizer and not args.resume:
+        raise ConfigError("--resume-fresh-optimizer applies to --resume RUN_DIR (a new run's optimizer is fresh)")
     if args.resume:
+        if args.config is not None:
+            raise ConfigError("--config does not apply to --resume: the run keeps its config.toml; give changes as "
+                              "--section.key=value overrides")
         run_dir = Path(args.resume).expanduser()
-        cfg = resume_config(run_dir, overrides)
+        cfg = resume_config(run_dir, overrides, fresh_optimizer=args.resume_fresh_optimizer)
     else:
         cfg = build_config(_recipe_default(args.config, overrides), overrides)
         run_dir = new_run_dir(cfg)
@@ -75,7 +80,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         preflight(cfg, args.nproc)  # config errors once, here, rather than once per worker
         return launch(args.nproc, args.argv)
-    result = train(cfg, run_dir=run_dir, resume=bool(args.resume))
+    result = train(cfg, run_dir=run_dir, resume=bool(args.resume), fresh_optimizer=args.resume_fresh_optimizer)
     main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples
     if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
         if main_rank:
@@ -265,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a directory or a glob")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    p.add_argument("--resume-fresh-optimizer", action="store_true",
+                   help="with --resume: load the weights and data position but start the optimizer afresh (how a "
+                   "resume may change --optim.name)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to launch through torchrun")
     p.add_argument("--sample", type=int, default=200, help="tokens of text to sample at the end (0 = none)")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
+from lmsprint.data.tokenizer import TextTokenizer
 from lmsprint.errors import CheckpointError
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.training import checkpoint as ckpt
@@ -19,13 +19,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise CheckpointError(f"{path} does not exist; pass a run directory (runs/NAME) or a checkpoint")
     found = ckpt.find_weights(path)
     meta, weights, _ = ckpt.load_checkpoint(found)
+    tok = ckpt.checkpoint_tokenizer(found, meta)
     model = GPT(GPTConfig(**meta["model_config"]))
     ckpt.load_model_state(model, weights)
-    run_dir = found.parent.parent
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.exists():
-        raise CheckpointError(f"{run_dir} has no tokenizer.json; the run directory is incomplete")
-    return model.to(device).eval(), load_tokenizer(tok_path), found
+    return model.to(device).eval(), tok, found
 
 
 def sample(path: str | Path, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,

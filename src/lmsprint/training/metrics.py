@@ -27,17 +27,23 @@ class MetricsLog:
 
     def __init__(self, path: Path, *, tensorboard: bool = False) -> None:
         self.path = path
-        self._f = open(path, "a", buffering=1)
-        self._tb = None
+        self._f: Any = None  # opened at the first record: a resume refused before it writes nothing
+        self._tb: Any = None
+        self._tensorboard, self._purge_step = tensorboard, None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise ConfigError("--log.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, kind: str, **values: Any) -> None:
         record = {"kind": kind, **values}
+        if self._f is None:
+            self._f = open(self.path, "a", buffering=1)
+            if self._tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
         self._f.write(json.dumps(record, default=float) + "\n")
         if self._tb is not None and "step" in values:
             for key, v in values.items():
@@ -47,6 +53,7 @@ class MetricsLog:
     def replay_from(self, step: int) -> None:
         """A resume or rollback logs steps >= ``step`` again: TensorBoard hides the abandoned attempt's events of
         those steps (readers of metrics.jsonl keep the last record of each step)."""
+        self._purge_step = step
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -54,7 +61,8 @@ class MetricsLog:
             self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=step)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         if self._tb is not None:
             self._tb.close()
 
