@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prepared data and downloads go to a per-session temporary cache, never ~/.cache."""
-    monkeypatch.setenv("LMSPRINT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Prepared data (and matplotlib's font cache) go to per-session temporary directories, never ~/.cache;
+    session-scoped, so that they are in place before any fixture (module-scoped ones too) trains, prepares or plots.
+    tests/test_home.py checks that the suite leaves nothing in $HOME."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMSPRINT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.getbasetemp() / "matplotlib"))
+        yield
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial bankers "
@@ -88,6 +94,25 @@ def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: float
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "lmsprint", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def screen_lines(text: str) -> list[str]:
+    """The non-blank lines a terminal shows for ``text``: a carriage return goes back to the start of the line and
+    what follows overwrites it (how progress bars redraw and erase themselves)."""
+    shown = []
+    for line in text.split("\n"):
+        cells: list[str] = []
+        for part in line.split("\r"):
+            col = 0
+            for ch in part:
+                if col < len(cells):
+                    cells[col] = ch
+                else:
+                    cells.append(ch)
+                col += 1
+        if "".join(cells).strip():
+            shown.append("".join(cells).rstrip())
+    return shown
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, pattern: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -22,13 +23,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_clean_error, make_docs, run_cli, tiny_config
+from conftest import assert_clean_error, make_docs, run_cli, screen_lines, tiny_config
 
 from lmsprint.config import ModelConfig
 from lmsprint.data.prepare import prepare
 from lmsprint.data.tokenizer import train_bpe
 from lmsprint.errors import CheckpointError
-from lmsprint.model import resolve_model_config
+from lmsprint.model import build_model, resolve_model_config
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.trainer import train
 
@@ -90,6 +91,41 @@ def _tokenizer_without_eot(d: Path, assets: Path) -> None:
     Tokenizer(models.WordLevel(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(d / "noeot.json"))
 
 
+def _tokenizer_without_unknown_token(d: Path, assets: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={"the": 0, "<|endoftext|>": 1}))  # no unk_token: other words fail
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "words.json"))
+
+
+def _tokenizer_of_nothing(d: Path, assets: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE(vocab={}, merges=[]))  # no token for any text: every document encodes to []
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(d / "nothing.json"))
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _flip(data: bytes, start: int, end: int) -> bytes:
+    return data[:start] + bytes(b ^ 0x55 for b in data[start:end]) + data[end:]
+
+
+def _fifo(name: str) -> Callable[[Path, Path], None]:
+    def setup(d: Path, assets: Path) -> None:
+        os.mkfifo(d / name)
+    return setup
+
+
+JSONL = "".join(json.dumps({"text": d}) + "\n" for d in make_docs(200)).encode()
+
+
 def _set_token(offset: int, value: int) -> Callable[[bytearray], None]:
     def patch(raw: bytearray) -> None:
         raw[256 + 2 * offset : 256 + 2 * offset + 2] = value.to_bytes(2, "little")
@@ -108,6 +144,8 @@ CASES = [
     # corpus files
     Case("missing-file", ("train", "nope.txt", *TINY), "data source 'nope.txt' not found"),
     Case("empty-file", ("train", "empty.txt", *TINY), "is empty", _write("empty.txt", "")),
+    Case("empty-file-progress-bars-on", ("train", "empty.txt", *TINY, "--log.progress=true", "--data.tokenizer=bpe",
+                                         "--data.vocab_size=300"), "is empty", _write("empty.txt", "")),
     Case("binary-file", ("train", "blob.txt", *TINY), "looks binary", _write("blob.txt", bytes(range(256)) * 8)),
     Case("non-utf8-text", ("train", "latin.txt", *TINY), "is not UTF-8 text",
          _write("latin.txt", "café\n\nmore text".encode("latin-1"))),
@@ -170,6 +208,24 @@ MORE_CASES = [
          _write("c.jsonl", '{"text": "fine"}\n{"text": oops}\n')),
     Case("corrupt-gzip", ("train", "c.jsonl.gz", *TINY), "is corrupt or truncated",
          _write("c.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:40])),
+    Case("truncated-zstd", ("train", "c.jsonl.zst", *TINY), "is corrupt or truncated (the file ends inside a zstd "
+         "frame)", _write("c.jsonl.zst", _zstd(JSONL)[:-100])),
+    Case("corrupt-zstd", ("train", "c.jsonl.zst", *TINY), "c.jsonl.zst is corrupt or truncated",
+         _write("c.jsonl.zst", _flip(_zstd(JSONL), 20, 60))),
+    Case("corrupt-gzip-text", ("train", "c.txt.gz", *TINY), "c.txt.gz is corrupt or truncated (Error -3 while "
+         "decompressing data", _write("c.txt.gz", _flip(gzip.compress(JSONL), 30, 80))),
+    Case("json-nested-too-deeply", ("train", "c.jsonl", *TINY), "c.jsonl line 2 is nested too deeply to read as JSON",
+         _write("c.jsonl", '{"text": "fine"}\n' + "[" * 200_000 + "]" * 200_000 + "\n")),
+    Case("json-huge-integer", ("train", "c.jsonl", *TINY), "c.jsonl line 2 has no 'text' string field",
+         _write("c.jsonl", '{"text": "fine"}\n' + "9" * 5000 + "\n")),
+    Case("corpus-is-a-fifo", ("train", "fifo.txt", *TINY), "fifo.txt is not a regular file or directory (a FIFO",
+         _fifo("fifo.txt")),
+    Case("tokenizer-without-unknown-token", ("train", "corpus.jsonl", *TINY, "--data.tokenizer=words.json"),
+         "the tokenizer cannot encode the text (WordLevel error: Missing [UNK] token from the vocabulary)",
+         lambda d, a: (_copy("corpus.jsonl")(d, a), _tokenizer_without_unknown_token(d, a))),
+    Case("tokenizer-encodes-to-nothing", ("train", "corpus.jsonl", *TINY, "--data.tokenizer=nothing.json"),
+         "the tokenizer 'nothing.json' encodes the text of 'corpus.jsonl' to nothing",
+         lambda d, a: (_copy("corpus.jsonl")(d, a), _tokenizer_of_nothing(d, a))),
     Case("unsupported-file-type", ("train", "data.csv", *TINY), "unsupported file type", _write("data.csv", "a,b\n")),
     Case("glob-matching-nothing", ("train", "nothing*.txt", *TINY), "matches no .txt"),
     Case("single-document", ("train", "one.jsonl", *TINY), "no whole document can be held out",
@@ -211,6 +267,14 @@ MORE_CASES = [
     Case("sample-a-file", ("sample", "afile"), "afile is not a directory", _write("afile", "x")),
     Case("sample-nan-temperature", ("sample", "runs/good", "--temperature", "nan"),
          "--temperature must be a finite number >= 0", _copy("runs")),
+    Case("sample-tiny-temperature", ("sample", "runs/good", "--temperature", "1e-45"),
+         "--temperature 1e-45 is below 0.001, where sampling is greedy anyway; use --temperature 0", _copy("runs")),
+    Case("sample-seed-not-an-integer", ("sample", "runs/good", "--seed", "1e23"),
+         "argument --seed: invalid int value: '1e23'", _copy("runs")),
+    Case("sample-seed-too-large", ("sample", "runs/good", "--seed", str(10**23)),
+         "--seed must be an integer from 0 to 2**64 - 1", _copy("runs")),
+    Case("sample-prompt-not-utf8", ("sample", "runs/good", "--prompt", "ab\udcff"), "--prompt is not valid UTF-8",
+         _copy("runs")),
     Case("sample-unknown-device", ("sample", "runs/good", "--device", "meta"), "--device: unknown device 'meta'",
          _copy("runs")),
     Case("export-under-a-file", ("export", "runs/good", "afile/hf"), "cannot write afile/hf",
@@ -314,6 +378,44 @@ def test_more_bad_input_fails_cleanly(case: Case, tmp_path: Path, assets: Path, 
     _assert_untouched(tmp_path, before)
 
 
+def test_an_error_under_progress_bars_is_one_line_on_screen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Bars drawn at once (no delay), then a bad line in the corpus's second file: the bars are wiped, and the
+    terminal shows the error line alone."""
+    from lmsprint.cli import main
+    from lmsprint.data import prepare as prep
+
+    monkeypatch.setattr(prep, "BAR_DELAY", 0.0)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_bytes(JSONL)
+    (tmp_path / "corpus" / "b.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    for tokenizer, bar in (("bpe", "train BPE"), ("byte", "tokenize")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "corpus", *TINY, "--log.progress=true", f"--data.tokenizer={tokenizer}",
+                  "--data.vocab_size=300"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and bar in err  # the bar was drawn
+        assert screen_lines(err) == ["error: corpus/b.jsonl line 2 is not valid JSON; each line must be one JSON "
+                                     "object"], err
+
+
+def test_a_training_bar_is_wiped_when_training_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The training loop's bar (say a run diverges at step 3) leaves the screen to the error line; a loop that
+    ends normally keeps its bar."""
+    from lmsprint.config import LogConfig
+    from lmsprint.training.report import Report
+
+    report = Report(tmp_path, LogConfig(progress=True), is_main=True)
+    with pytest.raises(CheckpointError), report.progress(10, 0) as bar:
+        bar.update(3)
+        raise CheckpointError("training diverged")
+    assert screen_lines(capsys.readouterr().err) == []
+    with report.progress(10, 0) as bar:
+        bar.update(10)
+    assert screen_lines(capsys.readouterr().err)[0].startswith("train: 100%")
+
+
 def _assert_untouched(d: Path, before: dict[str, tuple[bool, int, int]]) -> None:
     after = _snapshot(d)
     changed = sorted(k for k in before if k in after and before[k] != after[k] and not before[k][0])
@@ -335,8 +437,9 @@ def test_inventory_is_documented() -> None:
 
 
 def _save(root: Path, step: int) -> Path:
-    config = resolve_model_config(ModelConfig(), vocab_size=257, block_size=16)
-    return ckpt.save_checkpoint(root, step, model_sd={"w": torch.zeros(4)}, state={"step": step},
+    config = resolve_model_config(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=257, block_size=16)
+    model = build_model(config, device=torch.device("cpu"), seed=step)  # a checkpoint's weights fit its meta.json
+    return ckpt.save_checkpoint(root, step, model_sd=ckpt.model_state(model), state={"step": step},
                                 model_config=config, keep=3)
 
 

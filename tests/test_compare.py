@@ -79,6 +79,45 @@ def test_superseded_records_are_dropped(tmp_path: Path) -> None:
     assert r.val_points("step") == [(2, 3.5), (3, 2.4)]
 
 
+BAD_LINES = {
+    "loss-null": b'{"kind": "val", "step": 2, "loss": null, "tokens": 20, "time": 2.0}',
+    "a-list": b"[1, 2]",
+    "step-a-string": b'{"kind": "val", "step": "x", "loss": 1.0, "tokens": 20, "time": 2.0}',
+    "not-utf8": b'{"kind": "val", "step": 2, "loss": 1.0, "note": "\xff\xfe"}',
+    "tokens-a-string": b'{"kind": "val", "step": 2, "loss": 1.0, "tokens": "many", "time": 2.0}',
+    "huge-integer": b"7" * 5000,
+    "loss-beyond-float32": b'{"kind": "val", "step": 2, "loss": 1e308, "tokens": 20, "time": 2.0}',
+    "step-beyond-int64": b'{"kind": "val", "step": 9223372036854775808, "loss": 1.0, "tokens": 20, "time": 2.0}',
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_LINES))
+def test_compare_skips_a_malformed_metrics_line_with_one_warning(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 bad: str) -> None:
+    run = tmp_path / "a"
+    run.mkdir()
+    good = [{"kind": "val", "step": s, "loss": loss, "tokens": 10 * s, "time": float(s)} for s, loss in ((1, 3.0),
+                                                                                                         (3, 2.0))]
+    (run / "metrics.jsonl").write_bytes(json.dumps(good[0]).encode() + b"\n" + BAD_LINES[bad] + b"\n" +
+                                        json.dumps(good[1]).encode() + b"\n")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(run), "--png", str(tmp_path / "c.png")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and (tmp_path / "c.png").exists()
+    assert err.splitlines() == [f"warning: skipped 1 line of {run / 'metrics.jsonl'} that holds no metrics record "
+                                "(line 2)"]
+    assert "| a | 2.0000 | 2.0000 |" in out
+
+
+@pytest.mark.filterwarnings("error")
+def test_one_huge_loss_is_plotted_without_warnings(tmp_path: Path) -> None:
+    """A single validation loss whose float cannot show a +-0.05 margin: the axis gets a margin it can show."""
+    run = _write_metrics(tmp_path / "r", [{"kind": "val", "step": 1, "loss": 880270964658496.0, "tokens": 1,
+                                           "time": 1.0}])
+    compare([run], png=tmp_path / "c.png")
+    assert (tmp_path / "c.png").exists()
+
+
 def test_not_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(LmsprintError, match="not a run directory"):
         load_run(tmp_path)

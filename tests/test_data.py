@@ -2,6 +2,7 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 from pathlib import Path
 
 import numpy as np
@@ -196,13 +197,111 @@ def test_shards_from_another_tokenizer_are_rejected(tmp_path: Path, corpus: Path
         load_prepared(out)
 
 
-def test_tinyshakespeare_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("network unreachable")
+def test_tinyshakespeare_is_shipped_and_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No network: the text comes with the package (xz), its SHA-256 verified before it is used."""
+    src, _ = sources.resolve("tinyshakespeare")
+    docs = list(sources.iter_documents(src))
+    assert docs[0].startswith("First Citizen:") and len(docs) > 7000  # one document per paragraph
+    damaged = tmp_path / "tinyshakespeare.txt.xz"
+    text = lzma.decompress(sources.TINYSHAKESPEARE.read_bytes())
+    damaged.write_bytes(lzma.compress(text.replace(b"Citizen", b"Zitizen")))
+    monkeypatch.setattr(sources, "TINYSHAKESPEARE", damaged)
+    with pytest.raises(DataError, match="shipped with lmsprint .* is missing or damaged; reinstall lmsprint"):
+        sources.resolve("tinyshakespeare")
 
-    monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
-    with pytest.raises(DataError, match="pass its path as the data source"):
-        sources.tinyshakespeare()
+
+def _docs(path: Path) -> list[str]:
+    return list(sources.iter_documents(sources.resolve(str(path))[0]))
+
+
+def test_zstd_reads_every_frame_and_detects_truncation(tmp_path: Path) -> None:
+    zstd = pytest.importorskip("zstandard")
+    lines = [json.dumps({"text": d}) + "\n" for d in make_docs(400)]
+    half = len(lines) // 2
+    one, two = ("".join(lines[:half]).encode(), "".join(lines[half:]).encode())
+    frames = zstd.ZstdCompressor().compress(one) + zstd.ZstdCompressor(write_checksum=True).compress(two)
+    (tmp_path / "frames.jsonl.zst").write_bytes(frames)
+    assert _docs(tmp_path / "frames.jsonl.zst") == make_docs(400)  # two frames (e.g. files concatenated)
+    for cut in (len(frames) // 2, len(frames) - 3):  # inside the first frame; the second frame's checksum
+        (tmp_path / "cut.jsonl.zst").write_bytes(frames[:cut])
+        with pytest.raises(DataError, match="cut.jsonl.zst is corrupt or truncated"):
+            _docs(tmp_path / "cut.jsonl.zst")
+    damaged = bytearray(frames)
+    damaged[len(frames) - 40 : len(frames) - 20] = bytes(20)
+    (tmp_path / "bad.jsonl.zst").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"bad.jsonl.zst is corrupt or truncated \(.*\); re-download or remove it"):
+        _docs(tmp_path / "bad.jsonl.zst")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2", ".zst"])
+def test_damaged_compressed_text_is_corrupt_not_non_utf8(tmp_path: Path, suffix: str) -> None:
+    """A damaged stream decompresses to garbage before its own check fails: the error names the damage, while an
+    intact file of non-UTF-8 text is still reported as such."""
+    latin = ("café\n\n" + "\n\n".join(make_docs(300))).encode("latin-1")
+    compress = {".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress}.get(suffix)
+    if compress is None:
+        compress = pytest.importorskip("zstandard").ZstdCompressor(write_checksum=True).compress
+    packed = compress(latin)
+    (tmp_path / f"ok.txt{suffix}").write_bytes(packed)
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        _docs(tmp_path / f"ok.txt{suffix}")
+    (tmp_path / f"cut.txt{suffix}").write_bytes(packed[:-4])  # the trailer (checksum) cut off
+    with pytest.raises(DataError, match=f"cut.txt\\{suffix} is corrupt or truncated"):
+        _docs(tmp_path / f"cut.txt{suffix}")
+
+
+def test_corrupt_gzip_text_is_a_data_error(tmp_path: Path) -> None:
+    packed = bytearray(gzip.compress("\n\n".join(make_docs(300)).encode()))
+    packed[30:80] = bytes(b ^ 0x55 for b in packed[30:80])  # zlib.error: an invalid deflate block
+    (tmp_path / "c.txt.gz").write_bytes(bytes(packed))
+    with pytest.raises(DataError, match=r"c.txt.gz is corrupt or truncated \(Error -3 while decompressing"):
+        _docs(tmp_path / "c.txt.gz")
+
+
+def test_odd_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(DataError, match="c.jsonl line 2 is nested too deeply to read as JSON"):
+        _docs(path)
+    # an integer beyond Python's default conversion limit: not text, and no reason to refuse the document
+    path.write_text('{"text": "kept", "id": ' + "7" * 5000 + "}\n")
+    assert _docs(path) == ["kept"]
+    path.write_text("7" * 5000 + "\n")
+    with pytest.raises(DataError, match="c.jsonl line 1 has no 'text' string field"):
+        _docs(path)
+    path.write_text('{"text": "cut", "id": ' + "7" * 5000 + ",\n")
+    with pytest.raises(DataError, match="c.jsonl line 1 is not valid JSON"):
+        _docs(path)
+    # a lone surrogate is no character (UTF-8 cannot hold it): replaced, as a decoder would, so BPE can train
+    path.write_text('{"text": "a \\ud800 b \\ud83d\\ude00"}\n{"text": "two"}\n')
+    docs = _docs(path)
+    assert docs == ["a \ufffd b \U0001f600", "two"]
+    assert train_bpe(iter(docs * 20), vocab_size=300).vocab_size > 256
+
+
+def test_a_fifo_is_not_a_corpus(tmp_path: Path) -> None:
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="corpus.txt is not a regular file or directory .a FIFO, socket or device."):
+        sources.resolve(str(fifo))
+
+
+def test_corpus_errors_come_before_a_tokenizer_is_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmsprint.data.prepare as prep
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a tokenizer was trained")
+
+    monkeypatch.setattr(prep, "train_bpe", no_training)
+    empty = _write(tmp_path / "empty.jsonl", "\n\n")
+    with pytest.raises(DataError, match="is empty"):
+        prepare(str(empty), tmp_path / "o1", tokenizer="bpe", progress=False)
+    single = _write(tmp_path / "single.jsonl", json.dumps({"text": "only one"}) + "\n")
+    with pytest.raises(DataError, match="single document"):
+        prepare(str(single), tmp_path / "o2", tokenizer="bpe", progress=False)
+    with pytest.raises(DataError, match="the validation source .* is empty"):
+        prepare(str(single), tmp_path / "o3", tokenizer="bpe", val_source=str(empty), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "single.jsonl"]
 
 
 def test_data_stats_reports_every_strategy(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,10 +88,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # SOAP's eigenbases turn that rounding difference into ~1e-3 in the loss
     torch.set_num_threads(1)
     try:
-        with pytest.MonkeyPatch.context() as mp:  # the same isolated cache as conftest's per-test fixture
-            mp.setenv("LMSPRINT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-            for name, extra in (("muon", MUON), ("soap", SOAP)):
-                train(build_config(None, [f"--data.source={corpus}", *ARGS, *extra]), run_dir=root / f"ref-{name}")
+        for name, extra in (("muon", MUON), ("soap", SOAP)):
+            train(build_config(None, [f"--data.source={corpus}", *ARGS, *extra]), run_dir=root / f"ref-{name}")
     finally:
         torch.set_num_threads(threads)
     return root

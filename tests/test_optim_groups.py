@@ -235,9 +235,9 @@ def test_build_translates_config():
     (dict(name="muon", ns_steps=0), "--optim.ns_steps must be >= 1"),
     (dict(name="ademamix", alpha=-1.0), "--optim.alpha must be a number >= 0"),
     (dict(weight_decay_mode="horizon", wd_horizon=0.0), "--optim.wd_horizon must be a positive number"),
-    (dict(weight_decay_mode="horizon", wd_horizon=math.inf), "--optim.wd_horizon must be a positive number, got inf"),
-    (dict(eps=math.inf), "--optim.eps must be a positive number, got inf"),
-    (dict(name="ademamix", alpha=math.inf), "--optim.alpha must be a number >= 0, got inf"),
+    (dict(weight_decay_mode="horizon", wd_horizon=math.inf), "--optim.wd_horizon must be a finite number, got inf"),
+    (dict(eps=math.inf), "--optim.eps must be a finite number, got inf"),
+    (dict(name="ademamix", alpha=math.inf), "--optim.alpha must be a finite number, got inf"),
 ])
 def test_build_rejects_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message):

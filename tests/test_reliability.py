@@ -12,17 +12,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_docs, run_cli, tiny_config
+from conftest import make_docs, run_cli, screen_lines, tiny_config
 
 from lmsprint.config import ModelConfig
 from lmsprint.errors import CheckpointError
-from lmsprint.model import resolve_model_config
+from lmsprint.model import build_model, resolve_model_config
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training import memory
 from lmsprint.training.memory import GPUOutOfMemory, suggest_micro_batch
@@ -63,26 +64,20 @@ def assert_same_losses(expected: dict[int, float], got: dict[int, float]) -> Non
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    # the same per-session cache the autouse fixture sets (module fixtures run before it)
-    return {"LMSPRINT_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> tuple[Path, dict[int, float]]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, float]]:
     """A corpus and the per-step losses of an uninterrupted CLI run of CLI_RUN on it."""
     root = tmp_path_factory.mktemp("reliability")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(60)))
-    proc = run_cli("train", str(corpus), *CLI_RUN, "--train.run_name=reference", cwd=root, env_extra=cli_env)
+    proc = run_cli("train", str(corpus), *CLI_RUN, "--train.run_name=reference", cwd=root)
     assert proc.returncode == 0, proc.stderr
     losses = train_losses(root / "runs" / "reference")
     assert sorted(losses) == list(range(1, STEPS + 1))
     return corpus, losses
 
 
-def start_cli(*args: str, cwd: Path, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **env_extra}
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lmsprint", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -204,8 +199,9 @@ def test_sample_and_export_of_a_file_are_clean_errors(tmp_path: Path, finished_r
 
 
 def _save(root: Path, step: int, keep: int = 2) -> Path:
-    config = resolve_model_config(ModelConfig(), vocab_size=257, block_size=16)
-    return ckpt.save_checkpoint(root, step, model_sd={"w": torch.full((4,), float(step))}, state={"step": step},
+    config = resolve_model_config(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=257, block_size=16)
+    model = build_model(config, device=torch.device("cpu"), seed=step)  # a checkpoint's weights fit its meta.json
+    return ckpt.save_checkpoint(root, step, model_sd=ckpt.model_state(model), state={"step": step},
                                 model_config=config, keep=keep)
 
 
@@ -321,10 +317,10 @@ def test_metrics_line_cut_by_a_crash_does_not_swallow_the_next_record(tmp_path: 
 
 
 def test_sigint_checkpoints_at_the_step_boundary_and_resume_finishes_exactly(
-        tmp_path: Path, reference: tuple[Path, dict[int, float]], cli_env: dict[str, str]) -> None:
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     corpus, expected = reference
     run = tmp_path / "runs" / "r"
-    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path)
     wait_for_step(proc, run, 10)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
@@ -338,17 +334,16 @@ def test_sigint_checkpoints_at_the_step_boundary_and_resume_finishes_exactly(
     assert ckpt.verify(run / "checkpoints" / f"step_{step:08d}")["step"] == step
     assert_checkpoints_complete(run)
 
-    done = run_cli("train", "--resume", str(run), cwd=tmp_path, env_extra=cli_env)
+    done = run_cli("train", "--resume", str(run), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in done.stdout
     assert_same_losses(expected, train_losses(run))
 
 
-def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference: tuple[Path, dict[int, float]],
-                                           cli_env: dict[str, str]) -> None:
+def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     corpus, _ = reference
     run = tmp_path / "runs" / "r"
-    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path)
     wait_for_step(proc, run, 5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -360,10 +355,10 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reference: tuple[Path
 
 
 def test_second_signal_exits_at_once_without_a_partial_checkpoint(
-        tmp_path: Path, reference: tuple[Path, dict[int, float]], cli_env: dict[str, str]) -> None:
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     corpus, _ = reference
     run = tmp_path / "runs" / "r"
-    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path, env_extra=cli_env)
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--train.run_name=r", cwd=tmp_path)
     wait_for_step(proc, run, 5)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)  # the first one is being handled (the step finishing, or its checkpoint being written)
@@ -372,12 +367,53 @@ def test_second_signal_exits_at_once_without_a_partial_checkpoint(
     assert proc.returncode == 130, err
     assert max(train_losses(run)) < STEPS  # it stopped, not ran on to the end
     assert_checkpoints_complete(run)
-    done = run_cli("train", "--resume", str(run), "--train.steps=40", cwd=tmp_path, env_extra=cli_env)
+    done = run_cli("train", "--resume", str(run), "--train.steps=40", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
 
+def test_sigint_under_a_progress_bar_is_announced_on_its_own_line_and_reported_once(
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
+    corpus, _ = reference
+    run = tmp_path / "runs" / "r"
+    proc = start_cli("train", str(corpus), *CLI_RUN, "--log.progress=true", "--train.run_name=r", cwd=tmp_path)
+    wait_for_step(proc, run, 10)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    step = events(run, "interrupted")[0]["step"]
+    shown = screen_lines(out) + screen_lines(err)
+    assert "stopping: checkpointing at the end of this step (signal again to stop at once)" in shown, err
+    assert [line for line in shown if "stopped" in line] == [f"stopped at step {step}; continue with: lmsprint "
+                                                            "train --resume runs/r"], shown
+
+
+def test_two_signals_that_python_handles_as_one_stop_at_once(tmp_path: Path, corpus: Path) -> None:
+    """A second Ctrl-C soon after the first, while a step's kernels run: Python calls its handler once for both
+    signals, which must still stop the run at once (KeyboardInterrupt), not at the next step boundary."""
+
+    class TwoSignals(Callback):
+        def on_grads(self, step: int, model: torch.nn.Module) -> None:
+            if step == 3:
+                sent = threading.Event()
+
+                def send() -> None:  # delivered to this helper thread: the main thread runs no handler meanwhile
+                    for _ in range(2):
+                        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                    sent.set()
+
+                threading.Thread(target=send).start()
+                sent.wait()
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus, train__steps=10, train__ckpt_every=2), run_dir=run, callbacks=[TwoSignals()])
+    assert not events(run, "interrupted")
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.set_wakeup_fd(-1) == -1
+
+
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(
-        tmp_path: Path, reference: tuple[Path, dict[int, float]], cli_env: dict[str, str]) -> None:
+        tmp_path: Path, reference: tuple[Path, dict[int, float]]) -> None:
     """The issue's fault test: kill -9 four times (once before the first checkpoint), resume each time."""
     corpus, expected = reference
     run = tmp_path / "runs" / "r"
@@ -385,13 +421,13 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(
     kill_at = [3] + sorted(rng.sample(range(15, STEPS - 20), 3))  # ckpt_every=7: the first lands before any
     for i, step in enumerate(kill_at):
         args = ["--resume", str(run)] if i else [str(corpus), *CLI_RUN, "--train.run_name=r"]
-        proc = start_cli("train", *args, cwd=tmp_path, env_extra=cli_env)
+        proc = start_cli("train", *args, cwd=tmp_path)
         wait_for_step(proc, run, step, resumes=i)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         assert_checkpoints_complete(run)
-    done = run_cli("train", "--resume", str(run), cwd=tmp_path, env_extra=cli_env)
+    done = run_cli("train", "--resume", str(run), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(events(run, "resume")) == len(kill_at)
     assert_same_losses(expected, train_losses(run))

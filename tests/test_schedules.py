@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, Li
 
 from lmsprint import schedules
 from lmsprint.config import ScheduleConfig
-from lmsprint.errors import ConfigError
+from lmsprint.errors import ConfigError, LmsprintError
 from lmsprint.optim.ademamix import ademamix_alpha, ademamix_beta3
 from lmsprint.optim.muon import muon_momentum
 from lmsprint.schedules import (
@@ -360,7 +360,7 @@ def test_ademamix_beta3_warmup_from_beta1_zero_is_the_formulas_limit():
         (ScheduleConfig(), -3, "--train.steps=-3"),
         (ScheduleConfig(min_lr=2e-2), 100, "--schedule.min_lr=0.02 must be between 0 and the peak --optim.lr=0.01"),
         (ScheduleConfig(min_lr=-1e-5), 100, "--schedule.min_lr=-1e-05 must be between 0 and the peak"),
-        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr=nan must be between 0 and the peak"),
+        (ScheduleConfig(min_lr=float("nan")), 100, "--schedule.min_lr must be a finite number, got nan"),
         (ScheduleConfig(min_lr_ratio=1.5), 100, "--schedule.min_lr_ratio must be in [0, 1], got 1.5"),
         (ScheduleConfig(start_factor=0.0), 100, "--schedule.start_factor must be in (0, 1], got 0.0"),
         (ScheduleConfig(name="wsd", decay_fraction=0.0), 100, "--schedule.decay_fraction must be in (0, 1], got 0.0"),
@@ -412,6 +412,37 @@ def test_schedule_report_compare(tmp_path: Path):
     assert last == ["100", "1.0000e+00"] + ["0.0000e+00"] * 4
     with pytest.raises(ConfigError, match="step -1 is negative"):
         schedule_report(cfg, peak_lr=1.0, total_steps=100, at_steps=[-1])
+
+
+@pytest.mark.parametrize(("warmup", "total", "compare"), [(5, 500, False), (80, 100, False), (10, 100, True),
+                                                       (300, 1000, True)])
+def test_the_warm_up_label_is_drawn_over_no_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warmup: int,
+                                                  total: int, compare: bool) -> None:
+    from lmsprint import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    schedule_report(ScheduleConfig(warmup_steps=warmup), peak_lr=3e-3, total_steps=total, png=tmp_path / "lr.png",
+                    compare=compare)
+    fig = figures[0]
+    fig.draw_without_rendering()  # lays the figure out
+    ax = fig.axes[0]
+    label = next(t for t in ax.texts if "end of warm-up" in t.get_text())
+    box = label.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+    for line in ax.lines:
+        if line.get_gid() != "warm-up":  # the dotted line it labels
+            path = line.get_transform().transform_path(line.get_path())
+            assert not path.intersects_bbox(box, filled=False), line.get_label()
+
+
+def test_schedule_png_errors(tmp_path: Path) -> None:
+    cfg = ScheduleConfig(warmup_steps=10)
+    with pytest.raises(LmsprintError, match=r"^--png .*/x.notimage: give a file name ending in .png, .svg, .pdf"):
+        schedule_report(cfg, peak_lr=1.0, total_steps=100, png=tmp_path / "x.notimage")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LmsprintError, match="cannot write .*afile/lr.png .*; pass another --png"):
+        schedule_report(cfg, peak_lr=1.0, total_steps=100, png=tmp_path / "afile" / "lr.png")
 
 
 def test_import_is_light():

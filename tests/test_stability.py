@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.metrics import read_metrics
 from lmsprint.training.precision import resolve_precision
-from lmsprint.training.trainer import Callback, Trainer
+from lmsprint.training.trainer import Callback, Trainer, TrainingDiverged
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -360,6 +360,24 @@ def test_rollback_without_checkpoint_restarts_from_initial_weights(tmp_path: Pat
     (event,) = events(trainer.run_dir, "rollback")
     assert event["step"] == 0 and event["checkpoint"] == ""
     assert [s for s, _ in result.val_history] == [10, 20, 30]  # evaluations of the abandoned attempt dropped
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_divergence_advice_fits_the_clipping(tmp_path: Path, corpus: Path, clip: float) -> None:
+    """Too many rollbacks: the advice names --train.clip_norm as it stands (lower it when on, enable it when off)."""
+    trainer = make_trainer(tmp_path, corpus, train__steps=12, train__ckpt_every=0, train__clip_norm=clip,
+                           guard__spike_factor=1.2, guard__spike_warmup=2, guard__max_rollbacks=1)
+
+    class Spike(Hook):
+        def at_loss(self, step: int, loss: torch.Tensor, first: bool) -> torch.Tensor:
+            return loss * 100 if step == 6 else loss  # at every attempt
+
+    trainer.callbacks.append(Spike(trainer))
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.run()
+    advice = "lower --train.clip_norm (now 1)" if clip else "enable --train.clip_norm"
+    assert str(e.value) == (f"training diverged: more than 1 rollbacks; lower --optim.lr, {advice} or raise "
+                            "--guard.max_rollbacks")
 
 
 def test_fp16_guard_skip_and_rollback(tmp_path: Path, corpus: Path) -> None:

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,18 @@ def test_run_directory_contents(tmp_path: Path, corpus: Path) -> None:
     assert math.isfinite(result.val_loss)
 
 
+def test_resumed_run_plots_metrics_with_damaged_lines(tmp_path: Path, corpus: Path) -> None:
+    """The loss plot drawn at the end of a run reads metrics.jsonl as compare does: damaged lines are skipped."""
+    run = tmp_path / "run"
+    train(tiny_config(corpus, train__steps=4, log__plot=True), run_dir=run)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "train", "step": 5, "loss": "\xff\xfe"}\n[]\n{"kind": "val", "step": null, "loss": 1}\n')
+    (run / "loss.png").unlink()
+    result = train(tiny_config(corpus, train__steps=8, log__plot=True), run_dir=run, resume=True)
+    assert result.step == 8 and (run / "loss.png").stat().st_size > 10_000
+    assert max(losses(run)) == 8
+
+
 def test_sample_from_run(tmp_path: Path, corpus: Path) -> None:
     from lmsprint.sample import sample
 
@@ -103,6 +116,38 @@ def test_cli_sample_prints_the_prompt_once(tmp_path: Path, corpus: Path, capsys:
     with pytest.raises(SystemExit) as exit_:
         main(["sample", str(result.run_dir), "--prompt", "hello ", "--tokens", "0"])
     assert exit_.value.code == 0 and capsys.readouterr().out == "hello \n"
+
+
+def test_sample_keeps_an_end_of_text_written_in_the_prompt(tmp_path: Path, corpus: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<|endoftext|>`` typed in a prompt is text (it neither cuts the prompt nor the output); the output ends at
+    the end-of-document token the model generates."""
+    from lmsprint.data.tokenizer import load_tokenizer
+    from lmsprint.sample import sample
+
+    run = train(tiny_config(corpus, train__steps=4), run_dir=tmp_path / "run").run_dir
+    prompt = "one <|endoftext|> two"
+    assert sample(run, prompt=prompt, max_new_tokens=3, temperature=0)[0].startswith(prompt)
+    tok = load_tokenizer(run / "tokenizer.json")
+    said = tok.encode(" three") + [tok.eot_id] + tok.encode(" four")
+
+    def generate(self: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs: object) -> torch.Tensor:
+        return torch.cat([idx, torch.tensor([said] * idx.shape[0])], dim=1)
+
+    monkeypatch.setattr(GPT, "generate", generate)
+    assert sample(run, prompt=prompt, num_samples=2) == [prompt + " three"] * 2
+
+
+def test_cli_sample_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from lmsprint.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    helps = {h.split()[0]: h for h in re.split(r" (?=--[a-z-]+ [A-Z_]+ )", out.split("options:")[1])}
+    for option, default in (("--tokens", 200), ("--temperature", 0.8), ("--top-k", 50), ("--seed", 0), ("--num", 1),
+                            ("--device", "cpu")):
+        assert helps[option].endswith(f"(default: {default})"), helps[option]
 
 
 TINY = ["--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2", "--train.steps=2",
@@ -204,3 +249,16 @@ def implied_flops_per_token(record: dict) -> float:
     slots_per_s = record["tokens_per_s"] / (1 - record["waste"])
     return record["mfu"] * 1e12 / slots_per_s
 
+
+
+def test_out_dir_expands_the_home_directory(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--train.out_dir=~/runs means the home directory's runs/, as --data.source=~/... does; no literal '~'."""
+    from lmsprint.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(corpus), *TINY, "--train.out_dir=~/runs", "--train.run_name=r", "--sample=0",
+              "--log.plot=false"])
+    assert e.value.code == 0
+    assert (tmp_path / "home" / "runs" / "r" / "config.toml").exists() and not (tmp_path / "~").exists()

@@ -16,6 +16,8 @@ from typing import NoReturn
 from lmsprint.config import join_spaced_overrides
 from lmsprint.errors import ConfigError, LmsprintError
 
+MIN_TEMPERATURE = 1e-3
+
 
 def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
     """No --config: the fast recipe on a GPU, the dataclass defaults (tiny, CPU-sized) elsewhere."""
@@ -74,9 +76,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     timer = Timer(started=process_start())  # a --train.budget counts from the launch
     overrides = _with_data(args, overrides)
+    if args.resume_fresh_optimizer and not args.resume:
+        raise ConfigError("--resume-fresh-optimizer applies to --resume RUN_DIR (a new run's optimizer is fresh)")
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg = resume_config(run_dir, overrides)
+        if args.config is not None:
+            raise ConfigError("--config does not apply to --resume: the run keeps its config.toml; give changes as "
+                              "--section.key=value overrides")
+        run_dir = Path(args.resume).expanduser()
+        cfg = resume_config(run_dir, overrides, fresh_optimizer=args.resume_fresh_optimizer)
     else:
         recipe = _recipe_default(args.config, overrides)
         cfg = build_config(recipe, _budget_default(args.config, overrides))
@@ -94,7 +101,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         preflight(cfg, args.nproc)  # config errors once, here, rather than once per worker
         return launch(args.nproc, args.argv)
-    result = train(cfg, run_dir=run_dir, resume=bool(args.resume), timer=timer)
+    result = train(cfg, run_dir=run_dir, resume=bool(args.resume), fresh_optimizer=args.resume_fresh_optimizer,
+                   timer=timer)
     main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples
     if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
         if main_rank:
@@ -131,7 +139,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(args.config, overrides).data
     out = prepare(args.source, args.out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                   val_source=cfg.val_source, val_fraction=cfg.val_fraction, text_docs=cfg.text_docs,
-                  workers=cfg.workers, cache_dir=cfg.cache_dir)
+                  workers=cfg.workers)
     meta = load_prepared(out).meta
     print(f"{out}: {meta['train']['tokens']:,} train tokens in {meta['train']['docs']:,} documents, "
           f"{meta['val']['tokens']:,} val tokens in {meta['val']['docs']:,} documents, vocabulary "
@@ -148,6 +156,15 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
             raise LmsprintError(f"{flag} must be at least {low}, got {value}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise LmsprintError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if 0 < args.temperature < MIN_TEMPERATURE:  # the logits / temperature would overflow float32
+        raise LmsprintError(f"--temperature {args.temperature:g} is below {MIN_TEMPERATURE:g}, where sampling is "
+                            "greedy anyway; use --temperature 0")
+    if not 0 <= args.seed < 2**64:
+        raise LmsprintError(f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise LmsprintError("--prompt is not valid UTF-8 text; pass UTF-8") from None
     import torch
 
     try:
@@ -163,9 +180,9 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     found = Path(args.run)
     if found.exists():  # (a missing path gets sample's own error)
         found = find_weights(found)
-        print(f"sampling from {describe(found)}", file=sys.stderr)
     texts = sample(found, prompt=args.prompt, max_new_tokens=args.tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed, num_samples=args.num, device=args.device)
+    print(f"sampled from {describe(found)}", file=sys.stderr)  # once it loaded: an error stays one line
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")
@@ -222,7 +239,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
 
     _no_overrides("compare", overrides)
     png = Path(args.png) if args.png else None
-    print(compare(args.runs, target=args.target, png=png))
+    print(compare(args.runs, target=args.target, png=png, warn=lambda message: print(message, file=sys.stderr)))
     if png:
         print(f"\nplot: {png}")
     return 0
@@ -291,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a directory or a glob")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    p.add_argument("--resume-fresh-optimizer", action="store_true",
+                   help="with --resume: load the weights and data position but start the optimizer afresh (how a "
+                   "resume may change --optim.name)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to launch through torchrun")
     p.add_argument("--sample", type=int, default=200, help="tokens of text to sample at the end (0 = none)")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
@@ -301,15 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     _add_config_args(p)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", help="generate text from a trained run",
+                       description="Continue a prompt with the newest valid checkpoint of a run; each sample ends "
+                       "where the model ends the document, or after --tokens tokens.")
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num", type=int, default=1, help="number of samples")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, a new document)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits: lower is more conservative; 0 = greedy, else at least "
+                   f"{MIN_TEMPERATURE:g} (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k most likely tokens, 0 = all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed, 0 to 2**64 - 1: the same seed gives the same samples (default: %(default)s)")
+    p.add_argument("--num", type=int, default=1, help="number of samples (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
 
     p = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
     _add_config_args(p)
@@ -395,9 +421,10 @@ def main(argv: list[str] | None = None) -> None:
                 "data": cmd_data, "export": cmd_export, "compare": cmd_compare}
     try:
         if getattr(args, "help_config", False):
-            from lmsprint.config import help_lines
+            from lmsprint.config import build_config, help_lines
 
-            print("\n".join(help_lines()))
+            values = build_config(args.config, overrides) if args.config else None  # a recipe's values, loaded
+            print("\n".join(([f"(defaults: --config {args.config})"] if values else []) + help_lines(values)))
             sys.exit(0)
         sys.exit(handlers[args.command](args, overrides))
     except LmsprintError as e:

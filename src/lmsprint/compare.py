@@ -8,13 +8,13 @@ penalised. A run that was resumed or rolled back logs some steps twice; the late
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmsprint.errors import CheckpointError, LmsprintError
-from lmsprint.plots import plot_compare
+from lmsprint.errors import CheckpointError
+from lmsprint.plots import check_figure_path, plot_compare
 from lmsprint.training.metrics import latest_per_step, read_metrics
 
 
@@ -70,11 +70,11 @@ class Run:
         return sum(values) / len(values) if values else None
 
 
-FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")
+Warn = Callable[[str], None]
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run directory's metrics.
+def load_run(path: str | Path, *, warn: Warn | None = None) -> Run:
+    """Read a run directory's metrics (``warn`` hears of lines skipped as damaged).
 
     Raises:
         CheckpointError: ``path`` is not a run directory (no metrics.jsonl).
@@ -83,20 +83,20 @@ def load_run(path: str | Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.exists():
         raise CheckpointError(f"{path} is not a run directory (no metrics.jsonl); pass runs/NAME directories")
-    records = read_metrics(metrics)
-    train = latest_per_step([r for r in records if r.get("kind") == "train" and "step" in r and "loss" in r])
-    val = latest_per_step([r for r in records if r.get("kind") == "val" and "step" in r and "loss" in r])
+    records = read_metrics(metrics, warn=warn)
+    train = latest_per_step([r for r in records if r["kind"] == "train"])
+    val = latest_per_step([r for r in records if r["kind"] == "val"])
     return Run(path.name or str(path), path, train, val)
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+def load_runs(paths: Sequence[str | Path], *, warn: Warn | None = None) -> list[Run]:
     """Read several runs; runs with the same directory name are labelled by their full path. A directory that holds
     runs rather than being one (``lmsprint bench``'s or ``restarts``' --out) stands for the runs inside it."""
     expanded: list[Path] = []
     for p in map(Path, paths):
         inner = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file()) if p.is_dir() else []
         expanded += inner if not (p / "metrics.jsonl").exists() and inner else [p]
-    runs = [load_run(p) for p in expanded]
+    runs = [load_run(p, warn=warn) for p in expanded]
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
@@ -148,17 +148,19 @@ def table(runs: Sequence[Run], target: float | None) -> str:
     return "\n".join(lines)
 
 
-def compare(run_dirs: Sequence[str | Path], *, target: float | None = None, png: str | Path | None = None) -> str:
+def compare(run_dirs: Sequence[str | Path], *, target: float | None = None, png: str | Path | None = None,
+            warn: Warn | None = None) -> str:
     """Read runs, optionally draw them to ``png``, and return the Markdown comparison table.
 
     Args:
         run_dirs: run directories (each with a metrics.jsonl).
         target: the loss for "time/tokens to"; default the worst of the runs' final validation losses.
         png: where to draw the three-panel figure (None: no figure).
+        warn: hears of metrics lines skipped as damaged (one message per run that has some).
     """
-    if png is not None and Path(png).suffix.lower() not in FIGURE_SUFFIXES:
-        raise LmsprintError(f"--png {png}: give a file name ending in {', '.join(FIGURE_SUFFIXES)}")
-    runs = load_runs(run_dirs)
+    if png is not None:
+        check_figure_path(png)
+    runs = load_runs(run_dirs, warn=warn)
     if target is None:
         target = default_target(runs)
     if png is not None:

@@ -16,8 +16,8 @@ The output directory holds ``config.json``, ``generation_config.json``, ``model.
 ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (and ``modeling_lmsprint.py``
 where needed), so that ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)``
 load it. Writing it needs no ``transformers``; loading it does. The export reads the checkpoint's
-``meta.json`` and ``model.safetensors`` and the run's ``tokenizer.json``: data only, nothing from the run
-directory is unpickled or executed.
+``meta.json``, ``model.safetensors`` and ``tokenizer.json`` (each verified against meta.json's checksums): data
+only, nothing from the run directory is unpickled or executed.
 
 The vocabulary is exported **sliced** to the tokenizer's size: lmsprint pads the embedding and head rows to a
 multiple of ``vocab_multiple`` for matmul speed, but the padding ids are never produced by the tokenizer and
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
+from lmsprint.data.tokenizer import TextTokenizer
 from lmsprint.errors import CheckpointError, LmsprintError
 from lmsprint.model import GPTConfig
 from lmsprint.training import best
@@ -236,13 +236,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     meta = ckpt.verify(found)
     cfg = GPTConfig(**meta["model_config"])
     arch = architecture(cfg)
-    tok_path = found.parent.parent / "tokenizer.json"
-    if not tok_path.exists():
-        raise CheckpointError(f"{found.parent.parent} has no tokenizer.json; the run directory is incomplete")
-    tok = load_tokenizer(tok_path)
-    if tok.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model was trained on "
-                              f"{cfg.vocab_size}; the run directory is inconsistent")
+    tok = ckpt.checkpoint_tokenizer(found, meta)
 
     weights = load_file(str(found / "model.safetensors"))
     # float32, and the padding rows of the vocabulary dropped (never produced by the tokenizer)

@@ -20,6 +20,33 @@ if TYPE_CHECKING:  # annotations only
     from lmsprint.schedules import Schedule
 
 DPI = 110
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """``path``, if its suffix names a figure format; checked before any work, so that a typo costs nothing.
+
+    Raises:
+        LmsprintError: the suffix is not one of :data:`FIGURE_SUFFIXES`.
+    """
+    if Path(path).suffix.lower() not in FIGURE_SUFFIXES:
+        raise LmsprintError(f"--png {path}: give a file name ending in {', '.join(FIGURE_SUFFIXES)}")
+    return Path(path)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure to ``path`` (its directory created).
+
+    Raises:
+        LmsprintError: ``path`` cannot be written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as e:
+        raise LmsprintError(f"cannot write {path} ({e.strerror or e}); pass another --png") from None
+    return path
 
 
 def _figure(**kwargs: Any) -> Figure:
@@ -44,20 +71,21 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss", ms=3)
     for r in records:
-        if r["kind"] == "event" and r.get("event") == "rollback":
+        if r["kind"] == "event" and r.get("event") == "rollback" and "step" in r:
             ax.axvline(r["step"], color="red", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
-    if train and any("lr" in r for r in train):
+    lines = ax.get_legend_handles_labels()[0]
+    lr = [(r["step"], r["lr"]) for r in train if "lr" in r]
+    if lr:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", ls="--", lw=1, label="lr")
+        ax2.plot(*zip(*lr), color="gray", ls="--", lw=1, label="lr")
         ax2.set_ylabel("learning rate")
-        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        lines += ax2.get_legend_handles_labels()[0]
+    if lines:
         ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
-    else:
-        ax.legend(loc="upper right")
     fig.tight_layout()
     out = out or run_dir / "loss.png"
     fig.savefig(out)
@@ -120,20 +148,14 @@ def plot_compare(runs: Sequence[Run], png: str | Path, *, target: float | None =
     losses += [float(x["loss"]) for r in runs for x in r.train[len(r.train) // 10:] if math.isfinite(x["loss"])]
     if losses:
         lo, hi = min(losses), max(losses)
-        pad = 0.05 * (hi - lo) or 0.05
+        pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1.0)  # one value: a margin that its float can show
         axes[0].set_ylim(lo - pad, hi + pad)
     if any(r.val for r in runs):
         axes[0].legend(loc="upper right", fontsize="small")
     suffix = "" if target is None else f"; dotted: target {target:.4f}"
     fig.suptitle(f"validation loss (markers) and training loss (faint){suffix}")
     fig.tight_layout()
-    png = Path(png)
-    try:
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png)
-    except OSError as e:
-        raise LmsprintError(f"cannot write {png} ({e.strerror or e}); pass another --png") from None
-    return png
+    return save_figure(fig, png)
 
 
 def plot_bench(runs: list[BenchRun], target: float, path: Path) -> None:
@@ -176,13 +198,15 @@ def plot_schedule(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float
     if len(scheds) == 1:
         ax.plot(steps, [peak_lr * main(s) for s in steps], "o", color="black", ms=4, label="tabulated steps")
     if main.warmup > 0:
-        ax.axvline(main.warmup, color="grey", ls=":", lw=1)
-        ax.annotate("end of warm-up ", (main.warmup, 0.5 * peak_lr), fontsize=8, color="grey", rotation=90,
-                    ha="right", va="center")
+        ax.axvline(main.warmup, color="grey", ls=":", lw=1, gid="warm-up")
+        # above the peak, where no curve goes (every multiplier is at most 1), on the side of the line with room
+        right = main.warmup < total / 2
+        ax.annotate(" end of warm-up " if right else "end of warm-up ", (main.warmup, 1.08 * peak_lr), fontsize=8,
+                    color="grey", ha="left" if right else "right", va="center")
     floor = min(fn.floor for fn in scheds.values()) * peak_lr  # constant's "floor" is its peak
     ax.axhline(floor, color="grey", ls="--", lw=0.8, label="floor")
     ax.set_xlim(0, total)
-    ax.set_ylim(0, peak_lr * 1.05)
+    ax.set_ylim(0, peak_lr * 1.15)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     what = "decay shapes compared" if len(scheds) > 1 else f"{names.get(main.shape, main.shape)} schedule"
@@ -190,5 +214,4 @@ def plot_schedule(scheds: dict[str, Schedule], main: Schedule, *, peak_lr: float
                  f"peak {peak_lr:.3g}, floor {floor:.3g}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: never hides a curve
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)

@@ -136,7 +136,7 @@ def _subprocess(base_toml: Path, run: RestartRun, stop: int | None, first: bool,
 
 def _read_curve(run: RestartRun) -> list[tuple[int, float]]:
     records = [r for r in read_metrics(run.run_dir / "metrics.jsonl")
-               if r["kind"] == "val" or (r["kind"] == "event" and r.get("event") == "rollback")]
+               if r["kind"] == "val" or (r["kind"] == "event" and r.get("event") == "rollback" and "step" in r)]
     return [(int(r["step"]), float(r["loss"])) for r in latest_per_step(records)]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lmsprint.data.tokenizer import TextTokenizer, load_tokenizer
+from lmsprint.data.tokenizer import TextTokenizer
 from lmsprint.errors import CheckpointError
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.training import best
@@ -20,22 +20,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise CheckpointError(f"{path} does not exist; pass a run directory (runs/NAME) or a checkpoint")
     found = best.find_weights(path)  # a run's best/ checkpoint when it has one
     meta, weights, _ = ckpt.load_checkpoint(found)
+    tok = ckpt.checkpoint_tokenizer(found, meta)
     model = GPT(GPTConfig(**meta["model_config"]))
     ckpt.load_model_state(model, weights)
-    run_dir = found.parent.parent
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.exists():
-        raise CheckpointError(f"{run_dir} has no tokenizer.json; the run directory is incomplete")
-    return model.to(device).eval(), load_tokenizer(tok_path), found
+    return model.to(device).eval(), tok, found
 
 
 def sample(path: str | Path, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 50, seed: int = 0, num_samples: int = 1, device: str = "cpu") -> list[str]:
     """Generate ``num_samples`` texts: ``prompt`` followed by its continuation (an empty prompt starts a new
-    document), each cut at the end-of-document token."""
+    document), each cut where the model ends the document. ``<|endoftext|>`` written in the prompt is text."""
     model, tok, _ = load_model(path, device)
-    ids = [tok.eot_id] + tok.encode(prompt)
+    prompt_ids = tok.encode(prompt)
+    ids = [tok.eot_id] + prompt_ids
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return [tok.decode(row[1:].tolist()).split(tok.eot_token)[0] for row in out]
+    texts = []
+    for row in out[:, len(ids) :].tolist():
+        new = row[: row.index(tok.eot_id)] if tok.eot_id in row else row  # cut at the generated end of document
+        texts.append(tok.decode(prompt_ids + new))
+    return texts

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lmsprint.config import ScheduleConfig
 from lmsprint.errors import ConfigError
-from lmsprint.plots import plot_schedule
+from lmsprint.plots import check_figure_path, plot_schedule
 
 # ----------------------------------------------------------------------------------------------------------
 # pure functions of the step
@@ -402,6 +402,8 @@ def schedule_report(
     Raises:
         ConfigError: The settings do not fit the run (see :func:`resolve_schedule`) or a step is negative.
     """
+    if png is not None:
+        check_figure_path(png)
     main = resolve_schedule(cfg, total_steps=total_steps, peak_lr=peak_lr)
     if compare:
         # same warm-up and floor for every shape; wsd uses the configured cool-down, and is left out when

@@ -106,8 +106,9 @@ class RunConfig:
         return cfg
 
 
-def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
-    """Set ``section.key`` on ``cfg``, converting and type-checking ``value``."""
+def set_value(cfg: RunConfig, dotted: str, value: Any, *, typed: bool = False) -> None:
+    """Set ``section.key`` on ``cfg``, converting and type-checking ``value`` (``typed``: a value of a TOML file,
+    see :func:`~lmsprint.config.values.coerce`)."""
     section, _, key = dotted.partition(".")
     if section not in SECTIONS or not key:
         raise ConfigError(f"unknown config key {dotted!r}; keys look like section.key with section one of "
@@ -116,19 +117,20 @@ def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
     types = hints(cls)
     if key not in types:
         raise ConfigError(f"unknown config key {dotted!r}; {section} has: {', '.join(types)}")
-    setattr(getattr(cfg, section), key, coerce(value, types[key], dotted))
+    setattr(getattr(cfg, section), key, coerce(value, types[key], dotted, typed=typed))
 
 
 def update(cfg: RunConfig, data: dict[str, Any], *, where: str) -> None:
     """Apply a nested ``{section: {key: value}}`` mapping (a parsed TOML file) to ``cfg``."""
     for section, values in data.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section [{section}]; choose from {', '.join(SECTIONS)}")
+            shown = section if section.isprintable() else repr(section)
+            raise ConfigError(f"{where}: unknown section [{shown}]; choose from {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
         for key, value in values.items():
             try:
-                set_value(cfg, f"{section}.{key}", value)
+                set_value(cfg, f"{section}.{key}", value, typed=True)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
 
@@ -141,17 +143,29 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte: no such file either
+        return False
+
+
 def load_toml(path_or_name: str) -> dict[str, Any]:
     """Read a recipe: a path to a TOML file or the name of a shipped recipe (see ``configs/``)."""
     path = Path(path_or_name)
-    if not path.exists() and not path.suffix:
+    if not _exists(path) and not path.suffix:
         path = RECIPES_DIR / f"{path_or_name}.toml"
-    if not path.exists():
+    if not _exists(path):
         raise ConfigError(f"config {path_or_name!r} not found; pass a TOML file or one of: {', '.join(recipe_names())}")
+    if not path.is_file():
+        raise ConfigError(f"config {path_or_name!r} is not a file; pass a TOML file or one of: "
+                          f"{', '.join(recipe_names())}")
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config {path}: not valid TOML ({e}); fix the file") from None
+        raise ConfigError(f"config {path}: not valid TOML ({str(e).splitlines()[0]}); fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot be read ({e.strerror or e}); check the path") from None
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -181,6 +195,11 @@ def build_config(recipe: str | None = None, overrides: list[str] | None = None) 
     return cfg
 
 
+def _escape(char: str) -> str:
+    code = ord(char)
+    return {'"': '\\"', "\\": "\\\\"}.get(char) or (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
 def to_toml(cfg: RunConfig) -> str:
     """Serialise a config as TOML that :func:`load_toml` reads back to the same values (None is omitted)."""
 
@@ -191,8 +210,8 @@ def to_toml(cfg: RunConfig) -> str:
             return str(v)
         if isinstance(v, float):
             return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # a basic string: quotes, backslashes and control characters escaped
+            return '"' + "".join(c if c.isprintable() and c not in '"\\' else _escape(c) for c in v) + '"'
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} to TOML")
@@ -221,10 +240,11 @@ def validate(cfg: RunConfig) -> None:
     cfg.dist.check()
 
 
-def help_lines() -> list[str]:
-    """``--section.key TYPE (default X): doc`` for every field, for ``lmsprint train --help``."""
+def help_lines(values: RunConfig | None = None) -> list[str]:
+    """``--section.key TYPE (default X): doc`` for every field, for ``lmsprint train --help-config``; the defaults
+    are ``values`` (a recipe's, with ``--config``) or the dataclass defaults."""
     out: list[str] = []
-    defaults = RunConfig()
+    defaults = values or RunConfig()
     for section, cls in SECTIONS.items():
         docs = field_docs(cls)
         out.append(f"[{section}] {inspect.getdoc(cls)}")

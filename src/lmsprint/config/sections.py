@@ -4,10 +4,11 @@ generated reference (``docs/config.md``), and whose ``check`` method holds every
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmsprint.config.values import check_choices, parse_duration, require
+from lmsprint.config.values import check_fields, parse_duration, require
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ModelConfig:
 
     def check(self) -> None:
         """Sizes and options in range (the shape a preset makes is checked by :func:`lmsprint.model.model_shape`)."""
-        check_choices("model", self)
+        check_fields("model", self)
         for key in ("n_layer", "n_head", "n_embd", "mlp_hidden"):
             v = getattr(self, key)
             require(v is None or v > 0, f"--model.{key} must be positive, got {v}")
@@ -108,7 +109,7 @@ class DataConfig:
     """Processes used by prepare (0 = all cores)."""
 
     def check(self) -> None:
-        check_choices("data", self)
+        check_fields("data", self)
         require(0.0 <= self.val_fraction < 1.0, f"--data.val_fraction must be in [0, 1), got {self.val_fraction}")
         require(self.vocab_size >= 260, f"--data.vocab_size must be at least 260 (bytes + specials), got "
                f"{self.vocab_size}")
@@ -195,7 +196,7 @@ class OptimConfig:
     def check(self) -> None:
         """Every hyperparameter in range, those of the chosen optimizer included (the kernel paths an optimizer
         has, and what depends on the run's length, are checked by :func:`lmsprint.optim.build_optimizer`)."""
-        check_choices("optim", self)
+        check_fields("optim", self)
         for key in ("lr", "embed_lr", "head_lr", "scalar_lr"):
             v = getattr(self, key)
             require(v is None or (v > 0 and math.isfinite(v)), f"--optim.{key} must be a positive number, got {v}")
@@ -254,7 +255,7 @@ class ScheduleConfig:
     def check(self, *, peak_lr: float | None = None) -> None:
         """Settings in range, and with ``peak_lr`` (--optim.lr) an absolute floor below it (what depends on the
         run's length is checked by :func:`lmsprint.schedules.resolve_schedule`)."""
-        check_choices("schedule", self)
+        check_fields("schedule", self)
         require(self.warmup_steps is None or self.warmup_steps >= 0, f"--schedule.warmup_steps must be >= 0, got "
                f"{self.warmup_steps}")
         require(self.warmup_fraction is None or 0.0 <= self.warmup_fraction < 1.0,
@@ -328,7 +329,7 @@ class TrainConfig:
     al. 2023); a run of more is warned."""
 
     def check(self) -> None:
-        check_choices("train", self)
+        check_fields("train", self)
         require(self.steps > 0, f"--train.steps must be positive, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--train.epochs must be positive, got {self.epochs}")
         require(self.batch_size > 0, f"--train.batch_size must be positive, got {self.batch_size}")
@@ -339,7 +340,8 @@ class TrainConfig:
                    f"--train.micro_batch_size={micro}; pick a micro-batch that divides it")
         require(self.eval_every >= 0 and self.log_every > 0 and self.ckpt_every >= 0,
                "--train.eval_every and --train.ckpt_every must be >= 0 and --train.log_every > 0")
-        require(self.eval_tokens > 0, f"--train.eval_tokens must be positive, got {self.eval_tokens}")
+        require(self.eval_tokens >= 2, f"--train.eval_tokens must be at least 2 (a token and the next one, its "
+                f"target), got {self.eval_tokens}")
         require(self.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         require(self.clip_norm >= 0 and self.clip_value >= 0,
                "--train.clip_norm and --train.clip_value must be >= 0 (0 = off)")
@@ -358,8 +360,12 @@ class TrainConfig:
             require(self.stop_at_step is None, "--train.stop_at_step ends a fixed-length schedule early, a "
                    "--train.budget run ends on time; drop one")
         if self.run_name is not None:
-            require(self.run_name.strip() != "" and "/" not in self.run_name and self.run_name not in (".", ".."),
-                   f"--train.run_name must be a plain directory name, got {self.run_name!r}")
+            name = self.run_name
+            require(name.strip() != "" and "/" not in name and name not in (".", "..") and name.isprintable(),
+                    f"--train.run_name must be a plain directory name (no '/', no control characters), got {name!r}")
+            require(len(os.fsencode(name)) <= 255, f"--train.run_name is {len(os.fsencode(name))} bytes long; a "
+                    "directory name can have at most 255")
+        require(self.out_dir.strip() != "", "--train.out_dir must name a directory, got ''")
 
 
 @dataclass
@@ -384,6 +390,7 @@ class GuardConfig:
     """Give up (stop the run with an error) after this many rollbacks."""
 
     def check(self) -> None:
+        check_fields("guard", self)
         require(self.max_bad_steps >= 1, f"--guard.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         require(self.spike_warmup >= 0, f"--guard.spike_warmup must be >= 0, got {self.spike_warmup}")
         require(self.spike_factor == 0 or self.spike_factor > 1, f"--guard.spike_factor must be 0 (off) or > 1, got "
@@ -406,7 +413,7 @@ class LogConfig:
     """Draw loss.png (train/val loss and lr) at the end of the run."""
 
     def check(self) -> None:
-        check_choices("log", self)
+        check_fields("log", self)
 
 
 @dataclass
@@ -417,4 +424,4 @@ class DistConfig:
     """ddp (replicated weights) or fsdp (FSDP2 fully_shard per block, then the root)."""
 
     def check(self) -> None:
-        check_choices("dist", self)
+        check_fields("dist", self)

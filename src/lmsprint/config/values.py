@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import re
 import types
 import typing
@@ -55,8 +56,12 @@ def _parse_scalar(text: str, tp: Any, key: str) -> Any:
         raise ConfigError(f"--{key}: expected true or false, got {text!r}")
     if tp is int:
         try:
-            value = float(text)
+            return int(text)  # exact (a 20-digit seed stays itself)
         except ValueError:
+            pass
+        try:
+            value = float(text)  # 1e3
+        except (ValueError, OverflowError):
             raise ConfigError(f"--{key}: expected an integer, got {text!r}") from None
         if not value.is_integer():
             raise ConfigError(f"--{key}: expected an integer, got {text!r}")
@@ -71,8 +76,12 @@ def _parse_scalar(text: str, tp: Any, key: str) -> Any:
     raise ConfigError(f"--{key}: cannot parse {text!r} as {type_name(tp)}")
 
 
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and convert, for strings from the command line) ``value`` against the annotation ``tp``."""
+def coerce(value: Any, tp: Any, key: str, *, typed: bool = False) -> Any:
+    """Check (and convert, for strings from the command line) ``value`` against the annotation ``tp``.
+
+    ``typed``: ``value`` comes from a file with types of its own (a TOML recipe): a string is then only a string,
+    never parsed as the number or boolean it spells (``steps = "10"`` is refused, as ``--train.steps=ten`` is).
+    """
     origin = get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = get_args(tp)
@@ -84,7 +93,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return coerce(value, arg, key)
+                return coerce(value, arg, key, typed=typed)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"--{key}: invalid value {value!r}")
@@ -93,12 +102,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         (item_tp,) = get_args(tp)
-        if isinstance(value, str):
+        if isinstance(value, str) and not typed:
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"--{key}: expected a list, got {value!r}")
-        return [coerce(v, item_tp, key) for v in value]
+        return [coerce(v, item_tp, key, typed=typed) for v in value]
     if isinstance(value, str) and tp is not str:
+        if typed:
+            raise ConfigError(f"--{key}: expected {_A[tp] if tp in _A else type_name(tp)}, got the string "
+                              f"{value!r}; write the value without quotes")
         return _parse_scalar(value, tp, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -111,6 +123,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str and not isinstance(value, str):
         raise ConfigError(f"--{key}: expected a string, got {value!r}")
     return value
+
+
+_A = {int: "an integer", float: "a number", bool: "true or false"}
 
 
 NOUNS = {"model.preset": "preset", "optim.name": "optimizer"}
@@ -147,11 +162,29 @@ def check_choice(value: Any, tp: Any, key: str) -> None:
         raise ConfigError(f"--{key}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
-def check_choices(section: str, obj: Any) -> None:
-    """Every ``Literal`` field of a section holds one of its choices (a config built in Python is not parsed)."""
+def check_fields(section: str, obj: Any) -> None:
+    """The rules every field of a section follows (a config built in Python is not parsed): a ``Literal`` field
+    holds one of its choices, a number is finite (inf and nan reach no useful run: an infinite init or soft-cap
+    gives NaN weights, infinite epochs never end) and a string is UTF-8 text without NUL (as a path, a name and
+    config.toml need)."""
     for name, tp in hints(type(obj)).items():
+        key, value = f"{section}.{name}", getattr(obj, name)
         if get_origin(tp) is Literal:
-            check_choice(getattr(obj, name), tp, f"{section}.{name}")
+            check_choice(value, tp, key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{key} must be a finite number, got {value}")
+            if isinstance(v, str) and ("\0" in v or not _encodable(v)):
+                raise ConfigError(f"--{key} must be text without NUL characters or lone surrogates, got {v!r}")
+
+
+def _encodable(text: str) -> bool:
+    """UTF-8 can hold it (as config.toml and file names must): no lone surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def join_spaced_overrides(args: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ into place, so a prepared directory that exists is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -28,10 +30,12 @@ from lmsprint.data import sources
 from lmsprint.data.shards import Shard, ShardWriter, read_shard
 from lmsprint.data.tokenizer import TextTokenizer, byte_tokenizer, load_tokenizer, train_bpe
 from lmsprint.errors import DataError
+from lmsprint.progress import progress_bar
 
 META_VERSION = 1
 SHARD_TOKENS = 200_000_000  # start a new shard after this many tokens (400 MB as uint16)
 BATCH_BYTES = 4_000_000  # text per encode_batch call
+BAR_DELAY = 1.0  # seconds of work before a progress bar appears: quick work (and quick errors) print none
 
 
 @dataclass
@@ -111,16 +115,39 @@ class _SplitWriter:
         self._finish()
 
 
+def _bar(desc: str, total: int, enabled: bool, leave: bool = True) -> contextlib.AbstractContextManager[tqdm]:
+    """A progress bar over file bytes that appears only once the work takes a while (``BAR_DELAY``)."""
+    return progress_bar(enabled=enabled, total=total or None, unit="B", unit_scale=True, desc=desc, leave=leave,
+                        delay=BAR_DELAY)
+
+
 def _make_tokenizer(spec: str, vocab_size: int, train_source: sources.Source, progress: bool) -> TextTokenizer:
     if spec == "byte":
         return byte_tokenizer()
     if spec != "bpe":
         return load_tokenizer(spec)
-    bar = tqdm(total=train_source.total_bytes() or None, unit="B", unit_scale=True, desc="train BPE",
-               disable=not progress, leave=False)
-    tok = train_bpe(sources.iter_documents(train_source, bar.update), vocab_size)
-    bar.close()
-    return tok
+    with _bar("train BPE", train_source.total_bytes(), progress, leave=False) as bar:
+        return train_bpe(sources.iter_documents(train_source, bar.update), vocab_size)
+
+
+def _first_documents(source: sources.Source, n: int) -> int:
+    """How many documents ``source`` has, counted up to ``n`` (reads only as far as that)."""
+    with contextlib.closing(sources.iter_documents(source)) as docs:
+        return sum(1 for _ in itertools.islice(docs, n))
+
+
+def _check_documents(spec: str, train_src: sources.Source, val_spec: str | None,
+                     val_src: sources.Source | None) -> None:
+    """The corpus errors that need no tokenizer, found before one is trained: an empty corpus, one document and no
+    validation source, an empty validation source."""
+    n = _first_documents(train_src, 2)
+    if n == 0:
+        raise DataError(f"the corpus {spec!r} is empty (no documents with text); check the path and format")
+    if n == 1 and val_src is None:
+        raise DataError(f"{spec!r} holds a single document, so no whole document can be held out for validation; "
+                        "use --data.text_docs=paragraph, add documents, or pass --data.val_source")
+    if val_src is not None and _first_documents(val_src, 1) == 0:
+        raise DataError(f"the validation source {val_spec or val_src.name!r} is empty")
 
 
 def prepare(
@@ -134,7 +161,6 @@ def prepare(
     text_docs: str = "auto",
     seed: int = 0,
     workers: int = 0,
-    cache_dir: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Tokenize a corpus into shards. Streams the text; tokenization runs on ``workers`` cores (0 = all).
@@ -149,13 +175,14 @@ def prepare(
         raise DataError(f"{out_dir} exists and is not a directory; choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"{out_dir} already exists and is not empty; choose another --out or delete it")
-    train_src, auto_val = sources.resolve(source, text_docs=text_docs, cache_dir=cache_dir)
-    val_src = sources.resolve(val_source, text_docs=text_docs, cache_dir=cache_dir)[0] if val_source else auto_val
+    train_src, auto_val = sources.resolve(source, text_docs=text_docs)
+    val_src = sources.resolve(val_source, text_docs=text_docs)[0] if val_source else auto_val
     if val_src is None and val_fraction <= 0:
         raise DataError("no validation data: set --data.val_fraction > 0 or pass --data.val_source")
 
     t0 = time.time()
     try:
+        _check_documents(source, train_src, val_source, val_src)
         tok = _make_tokenizer(tokenizer, vocab_size, train_src, progress)  # BPE: reads the whole corpus
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
@@ -173,31 +200,24 @@ def prepare(
     try:
         train_w, val_w = _SplitWriter(tmp, "train", tok), _SplitWriter(tmp, "val", tok)
         rng = random.Random(seed)
-        bar = tqdm(total=train_src.total_bytes() or None, unit="B", unit_scale=True, desc="tokenize",
-                   disable=not progress)
         held: np.ndarray | None = None  # last document, held back so at least one can go to validation
-        for batch in _prefetch(_batches(sources.iter_documents(train_src, bar.update))):
-            for ids in tok.encode_docs(batch):
-                if held is not None:
-                    (val_w if val_src is None and rng.random() < val_fraction else train_w).add(held)
-                held = ids
-        bar.close()
-        if held is None:
-            raise DataError(f"the corpus {source!r} is empty (no documents with text); check the path and format")
-        if val_src is None and val_w.n_docs == 0:
-            if train_w.n_docs == 0:
-                raise DataError(f"{source!r} holds a single document, so no whole document can be held out for "
-                                "validation; use --data.text_docs=paragraph, add documents, or pass "
-                                "--data.val_source")
-            val_w.add(held)
-        else:
-            train_w.add(held)
+        with _bar("tokenize", train_src.total_bytes(), progress) as bar:
+            for batch in _prefetch(_batches(sources.iter_documents(train_src, bar.update))):
+                for ids in tok.encode_docs(batch):
+                    if held is not None:
+                        (val_w if val_src is None and rng.random() < val_fraction else train_w).add(held)
+                    held = ids
+        if held is None:  # _check_documents found documents
+            raise DataError(f"the corpus {source!r} changed while it was read; prepare it again")
+        (val_w if val_src is None and val_w.n_docs == 0 else train_w).add(held)
+        if train_w.n_tokens == train_w.n_docs:  # every document encoded to its end-of-document token alone
+            raise DataError(f"the tokenizer {tokenizer!r} encodes the text of {source!r} to nothing (no token but "
+                            "the end-of-document one); use a tokenizer that covers the text, e.g. "
+                            "--data.tokenizer=bpe")
         if val_src is not None:
             for batch in _batches(sources.iter_documents(val_src)):
                 for ids in tok.encode_docs(batch):
                     val_w.add(ids)
-            if val_w.n_docs == 0:
-                raise DataError(f"the validation source {val_source or val_src.name!r} is empty")
         train_w.close()
         val_w.close()
         tok.save(tmp / "tokenizer.json")
@@ -259,9 +279,9 @@ def load_prepared(path: str | Path) -> PreparedData:
 
 
 def cache_key(spec: str, *, tokenizer: str, vocab_size: int, val_source: str | None, val_fraction: float,
-              text_docs: str, cache_dir: str | None) -> tuple[str, str]:
+              text_docs: str) -> tuple[str, str]:
     """(name, key) of the prepared-data cache entry for these settings and the current state of the files."""
-    train_src, _ = sources.resolve(spec, text_docs=text_docs, cache_dir=cache_dir)
+    train_src, _ = sources.resolve(spec, text_docs=text_docs)
     parts = [spec, train_src.fingerprint(), tokenizer, str(vocab_size), str(val_fraction), text_docs]
     if tokenizer not in ("bpe", "byte"):
         tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
@@ -269,7 +289,7 @@ def cache_key(spec: str, *, tokenizer: str, vocab_size: int, val_source: str | N
     else:
         parts.append("" if tokenizer == "byte" else str(vocab_size))
     if val_source:
-        parts.append(sources.resolve(val_source, text_docs=text_docs, cache_dir=cache_dir)[0].fingerprint())
+        parts.append(sources.resolve(val_source, text_docs=text_docs)[0].fingerprint())
     return train_src.name, hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
@@ -280,11 +300,10 @@ def prepared_data(data: DataConfig, *, progress: bool = True) -> PreparedData:
     if (Path(spec).expanduser() / "meta.json").exists():
         return load_prepared(Path(spec).expanduser())
     name, key = cache_key(spec, tokenizer=data.tokenizer, vocab_size=data.vocab_size, val_source=data.val_source,
-                          val_fraction=data.val_fraction, text_docs=data.text_docs, cache_dir=data.cache_dir)
+                          val_fraction=data.val_fraction, text_docs=data.text_docs)
     path = sources.cache_root(data.cache_dir) / "data" / f"{name}-{key}"
     if not (path / "meta.json").exists():
         shutil.rmtree(path, ignore_errors=True)
         prepare(spec, path, tokenizer=data.tokenizer, vocab_size=data.vocab_size, val_source=data.val_source,
-                val_fraction=data.val_fraction, text_docs=data.text_docs, workers=data.workers,
-                cache_dir=data.cache_dir, progress=progress)
+                val_fraction=data.val_fraction, text_docs=data.text_docs, workers=data.workers, progress=progress)
     return load_prepared(path)

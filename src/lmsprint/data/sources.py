@@ -23,20 +23,25 @@ import io
 import json
 import lzma
 import os
+import re
 import sysconfig
-import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from lmsprint.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".py"}
 COMPRESSED = {".gz", ".xz", ".bz2", ".zst"}
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# karpathy/char-rnn's tinyshakespeare input.txt, shipped xz-compressed; the checksum is of the text
+TINYSHAKESPEARE = Path(__file__).parent / "tinyshakespeare.txt.xz"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 NAMED = ("stdlib", "tinyshakespeare")
+# how the decompressors report damaged data (zstd's errors are turned into OSError by _ZstdReader)
+_CORRUPT = (EOFError, OSError, lzma.LZMAError, zlib.error)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -101,33 +106,24 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def tinyshakespeare(cache_dir: str | None = None) -> Path:
-    """The tinyshakespeare text, downloaded once (checksum verified) into the cache."""
-    path = cache_root(cache_dir) / "downloads" / "tinyshakespeare.txt"
-    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == TINYSHAKESPEARE_SHA256:
-        return path
+def tinyshakespeare() -> Path:
+    """The tinyshakespeare text shipped with lmsprint (xz-compressed), its checksum verified."""
     try:
-        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=20) as r:
-            data = r.read()
-    except OSError as e:
-        raise DataError(f"could not download tinyshakespeare ({e.__class__.__name__}: {e}); offline? download "
-                        f"{TINYSHAKESPEARE_URL} elsewhere and pass its path as the data source, or save it as "
-                        f"{path}") from None
-    if hashlib.sha256(data).hexdigest() != TINYSHAKESPEARE_SHA256:
-        raise DataError(f"downloaded tinyshakespeare has the wrong checksum; save a good copy as {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+        text = lzma.decompress(TINYSHAKESPEARE.read_bytes())
+    except (OSError, lzma.LZMAError):
+        text = b""
+    if hashlib.sha256(text).hexdigest() != TINYSHAKESPEARE_SHA256:
+        raise DataError(f"the copy of tinyshakespeare shipped with lmsprint ({TINYSHAKESPEARE}) is missing or "
+                        "damaged; reinstall lmsprint")
+    return TINYSHAKESPEARE
 
 
-def resolve(spec: str, *, text_docs: str = "auto", cache_dir: str | None = None) -> tuple[Source, Source | None]:
+def resolve(spec: str, *, text_docs: str = "auto") -> tuple[Source, Source | None]:
     """Resolve a data spec to a training source and, for train/val directories, a validation source."""
     if spec == "stdlib":
         return Source("stdlib", stdlib_files(), "file" if text_docs == "auto" else text_docs), None
     if spec == "tinyshakespeare":
-        path = tinyshakespeare(cache_dir)
+        path = tinyshakespeare()
         return Source("tinyshakespeare", [path], "paragraph" if text_docs == "auto" else text_docs), None
     path = Path(spec).expanduser()
     if _is_hf_dataset(path):
@@ -141,6 +137,9 @@ def resolve(spec: str, *, text_docs: str = "auto", cache_dir: str | None = None)
         if _kind(path) is None:
             raise DataError(f"{path}: unsupported file type; use .txt, .jsonl or .parquet (optionally compressed)")
         files = [path]
+    elif path.exists():
+        raise DataError(f"{path} is not a regular file or directory (a FIFO, socket or device): lmsprint reads a "
+                        "corpus more than once; save it to a file and pass that")
     elif any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
                        if Path(p).is_file() and _kind(Path(p)) is not None)
@@ -163,6 +162,40 @@ def resolve(spec: str, *, text_docs: str = "auto", cache_dir: str | None = None)
 # reading
 
 
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of every frame of a .zst file. A file that ends inside a frame raises EOFError, as
+    gzip, lzma and bz2 do (zstandard's own stream_reader ends quietly there: a truncated file would read as whole)."""
+
+    def __init__(self, raw: IO[bytes], zstandard: Any) -> None:
+        self._raw, self._zstd = raw, zstandard
+        self._frame: Any = None  # the decompressor of the frame being read; None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            if self._frame is not None and self._frame.eof:  # what follows a frame's end starts the next frame
+                data, self._frame = self._frame.unused_data, None
+            else:
+                data = self._raw.read(1 << 16)
+                if not data:
+                    if self._frame is not None:
+                        raise EOFError("the file ends inside a zstd frame")
+                    return 0
+            if data:
+                self._frame = self._frame or self._zstd.ZstdDecompressor().decompressobj()
+                try:
+                    self._out = memoryview(self._frame.decompress(data))
+                except self._zstd.ZstdError as e:
+                    raise OSError(str(e)) from None
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
 def _open_binary(path: Path, raw: IO[bytes]) -> IO[bytes]:
     suffix = path.suffix.lower()
     if suffix == ".gz":
@@ -176,21 +209,38 @@ def _open_binary(path: Path, raw: IO[bytes]) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[return-value]
+        return io.BufferedReader(_ZstdReader(raw, zstandard), 1 << 16)
     return raw
+
+
+def _corrupt(path: Path, e: BaseException) -> DataError:
+    return DataError(f"{path} is corrupt or truncated ({e}); re-download or remove it")
+
+
+def _not_text(path: Path, binary: IO[bytes], raw: IO[bytes], problem: str) -> DataError:
+    """``problem`` (not UTF-8, binary), unless the file is compressed and the rest of its stream is damaged: corrupt
+    data decompresses to garbage before the format's own check (a CRC, the end marker) fails."""
+    if binary is not raw:
+        try:
+            while binary.read(1 << 20):
+                pass
+        except _CORRUPT as e:
+            return _corrupt(path, e)
+    return DataError(f"{path} {problem}")
 
 
 ProgressFn = Callable[[int], None]
 
 
 def _text_lines(path: Path, progress: ProgressFn | None = None) -> Iterator[str]:
-    """Lines of a (possibly compressed) UTF-8 file, with clear errors for binary and non-UTF-8 input.
+    """Lines of a (possibly compressed) UTF-8 file, with clear errors for binary, non-UTF-8 and damaged input.
 
     ``progress`` is called now and then with the number of (compressed) file bytes read since the last call."""
     raw = open(path, "rb")
     done = 0
     try:
-        with io.TextIOWrapper(_open_binary(path, raw), encoding="utf-8", errors="strict", newline=None) as f:
+        binary = _open_binary(path, raw)
+        with io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline=None) as f:
             lineno = 0
             try:
                 for lineno, line in enumerate(f, start=1):  # noqa: B007
@@ -199,15 +249,16 @@ def _text_lines(path: Path, progress: ProgressFn | None = None) -> Iterator[str]
                         progress(pos - done)
                         done = pos
                     if "\0" in line:
-                        raise DataError(f"{path} looks binary (NUL byte on line {lineno}); pass text files only")
+                        raise _not_text(path, binary, raw, f"looks binary (NUL byte on line {lineno}); pass text "
+                                        "files only")
                     yield line
             except UnicodeDecodeError as e:
                 if b"\0" in e.object:
-                    raise DataError(f"{path} looks binary (NUL bytes); pass text files only") from None
-                raise DataError(f"{path} is not UTF-8 text (near line {lineno + 1}: {e.reason}); convert it, e.g. "
-                                "`iconv -f latin1 -t utf-8`") from None
-            except (EOFError, OSError, lzma.LZMAError) as e:
-                raise DataError(f"{path} is corrupt or truncated ({e}); re-download or remove it") from None
+                    raise _not_text(path, binary, raw, "looks binary (NUL bytes); pass text files only") from None
+                raise _not_text(path, binary, raw, f"is not UTF-8 text (near line {lineno + 1}: {e.reason}); convert "
+                                "it, e.g. `iconv -f latin1 -t utf-8`") from None
+            except _CORRUPT as e:
+                raise _corrupt(path, e) from None
     finally:
         if progress is not None:
             progress(os.path.getsize(path) - done)
@@ -231,18 +282,32 @@ def _docs_from_text(path: Path, mode: str, progress: ProgressFn | None) -> Itera
         yield "".join(para).strip("\n")
 
 
+def _json_line(path: Path, lineno: int, line: str) -> Any:
+    try:
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            if isinstance(e, json.JSONDecodeError):
+                raise
+            return json.loads(line, parse_int=str)  # an integer longer than Python converts (4300 digits): not text
+    except RecursionError:
+        raise DataError(f"{path} line {lineno} is nested too deeply to read as JSON; each line must be one JSON "
+                        'object like {"text": "..."}') from None
+    except json.JSONDecodeError:
+        raise DataError(f"{path} line {lineno} is not valid JSON; each line must be one JSON object") from None
+
+
 def _docs_from_jsonl(path: Path, progress: ProgressFn | None) -> Iterator[str]:
     for lineno, line in enumerate(_text_lines(path, progress), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path} line {lineno} is not valid JSON; each line must be one JSON object") from None
+        obj = _json_line(path, lineno, line)
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
             raise DataError(f"{path} line {lineno} has no 'text' string field; each line must look like "
                             '{"text": "..."}')
+        if "\\u" in line:  # a lone surrogate escaped in the JSON (\ud800) is no character: U+FFFD, as decoders do
+            text = _SURROGATE.sub("\ufffd", text)
         if text.strip():
             yield text
 

@@ -48,16 +48,28 @@ class TextTokenizer:
         return hashlib.sha256(self.tok.to_str().encode()).digest()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text. Runs on all cores.
+
+        Raises:
+            DataError: the tokenizer cannot encode the text (e.g. a WordLevel model without an unknown token).
+        """
+        try:
+            return [enc.ids for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+        except Exception as e:  # tokenizers raises plain Exception
+            raise DataError(f"the tokenizer cannot encode the text ({(str(e).splitlines() or [repr(e)])[0]}); use a "
+                            "tokenizer whose model has an unknown token, or --data.tokenizer=bpe") from None
 
     def encode_docs(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each document, each prefixed with the end-of-document token. Runs on all cores."""
         out = []
-        for enc in self.tok.encode_batch(texts, add_special_tokens=False):
-            ids = np.empty(len(enc.ids) + 1, dtype=np.int64)
-            ids[0] = self.eot_id
-            ids[1:] = enc.ids
-            out.append(ids)
+        for ids in self.encode_batch(texts):
+            doc = np.empty(len(ids) + 1, dtype=np.int64)
+            doc[0] = self.eot_id
+            doc[1:] = ids
+            out.append(doc)
         return out
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -18,6 +18,8 @@ GPT-2 layout (``transformer.wte`` registered before ``lm_head``) that is ``embed
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -131,3 +133,25 @@ def check_param_groups(named_params: Iterable[tuple[str, torch.Tensor]], groups:
     if missing or repeated or foreign:
         raise AssertionError(f"param groups are inconsistent: missing {missing}, in several groups {repeated}, "
                              f"{foreign} not trainable parameters of the model")
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """A copy of every group's settings (everything but its params), as :func:`restore_settings` takes them."""
+    return [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+
+
+def restore_settings(optimizer: torch.optim.Optimizer, settings: Sequence[dict[str, Any]], *,
+                     lr_scale: float = 1.0) -> None:
+    """Give every group the ``settings`` of :func:`group_settings` again, after loading a saved state dict (which
+    brings the saved groups' settings): the peak lr (``initial_lr``) times ``lr_scale``, and every other setting
+    as it is (the current ``lr`` is left to the scheduler). A peak equal to the saved one but for rounding is
+    kept, so a resume with unchanged settings continues bit for bit."""
+    for group, built in zip(optimizer.param_groups, settings):
+        for key, value in built.items():
+            if key == "lr":
+                continue
+            if key == "initial_lr":
+                value = value * lr_scale
+                if isinstance(group.get(key), float) and math.isclose(group[key], value, rel_tol=1e-9):
+                    continue
+            group[key] = copy.deepcopy(value)

@@ -13,7 +13,7 @@ from lmsprint.config import RunConfig
 from lmsprint.data.batching import TokenStream, epoch_plan
 from lmsprint.data.curriculum import SeqLenSchedule
 from lmsprint.data.loader import Loader, MicroBatch, StepBatch, eval_batches
-from lmsprint.errors import ConfigError
+from lmsprint.errors import ConfigError, DataError
 
 
 def micro_batch_rows(t: Any, world: int) -> int:
@@ -23,6 +23,21 @@ def micro_batch_rows(t: Any, world: int) -> int:
         raise ConfigError(f"--train.batch_size={t.batch_size} is not divisible by --train.micro_batch_size="
                           f"{micro} x {world} processes; pick sizes with batch = micro x processes x k")
     return micro
+
+
+def check_streams(cfg: RunConfig, train: TokenStream, val: TokenStream) -> None:
+    """The data can make the run's rows and a validation loss (checked before the model is built): rows of
+    --data.seq_len tokens (pack, best-fit, random) need more training tokens than that, or every row would be
+    mostly padding, and as wide (seq_len 1,000,000 on a small corpus: gigabytes of padding); a validation loss
+    needs a token and its next one."""
+    d = cfg.data
+    if d.batching in ("pack", "best-fit", "random") and train.n_tokens <= d.seq_len:
+        raise DataError(f"--data.seq_len={d.seq_len:,} is not shorter than the training data ({train.n_tokens:,} "
+                        f"tokens): every --data.batching={d.batching} row would be mostly padding; use a "
+                        f"--data.seq_len below {train.n_tokens:,}, or more data")
+    if min(val.n_tokens, cfg.train.eval_tokens) < 2:
+        raise DataError(f"the validation data holds {val.n_tokens} token(s): no token has a next one to predict, so "
+                        "there is no validation loss; hold out more data (--data.val_fraction, --data.val_source)")
 
 
 def total_steps(cfg: RunConfig, stream: TokenStream) -> int:

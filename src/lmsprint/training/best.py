@@ -53,10 +53,12 @@ class BestCheckpoint:
         model_config: its shape, written to meta.json.
         sharded: the parameters are FSDP2 shards.
         is_main: this process writes.
+        files: more files each checkpoint holds by name (the run's ``tokenizer.json``, the copy that counts).
     """
 
-    def __init__(self, ckpt_root: Path, *, model: GPT, model_config: GPTConfig, sharded: bool, is_main: bool) -> None:
-        self.root, self.path = ckpt_root, ckpt_root / NAME
+    def __init__(self, ckpt_root: Path, *, model: GPT, model_config: GPTConfig, sharded: bool, is_main: bool,
+                 files: dict[str, bytes] | None = None) -> None:
+        self.root, self.path, self.files = ckpt_root, ckpt_root / NAME, files
         self.model, self.model_config, self.sharded, self.is_main = model, model_config, sharded, is_main
         found = read(self.path)  # a resumed run keeps the best it had
         self.step, self.loss = found if found is not None else (None, math.inf)
@@ -83,7 +85,7 @@ class BestCheckpoint:
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             written = ckpt.save_checkpoint(scratch, step, model_sd=weights, state=state,
-                                           model_config=self.model_config, keep=1)
+                                           model_config=self.model_config, keep=1, files=self.files)
             old = self.root / f".tmp-old-{NAME}-{os.getpid()}"
             if self.path.exists():
                 os.replace(self.path, old)

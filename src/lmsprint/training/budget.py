@@ -25,12 +25,13 @@ import torch
 from lmsprint import distributed as D
 from lmsprint import planner
 from lmsprint.config import RunConfig, parse_duration, validate
+from lmsprint.data.batching import TokenStream
 from lmsprint.data.prepare import prepared_data
 from lmsprint.errors import ConfigError
 from lmsprint.model import resolve_model_config
 from lmsprint.model.presets import ladder
 from lmsprint.schedules import Schedule, cooldown_steps, decay_remaining, resolve_schedule
-from lmsprint.training.batches import micro_batch_rows
+from lmsprint.training.batches import check_streams, micro_batch_rows
 from lmsprint.training.throughput import block_params, cost_of, device_name
 
 ONE_PROCESS = "--train.budget plans runs of one process; drop --nproc, or set --train.steps"
@@ -218,7 +219,9 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
     if timer.elapsed() >= budget:
         raise ConfigError(f"--train.budget={t.budget}: {clock_text(timer.elapsed())} of it went to start-up and data "
                           "preparation before planning; give a longer budget")
-    corpus = int(sum(s.header.n_tokens for s in data.train))
+    train_stream = TokenStream(data.train)
+    check_streams(cfg, train_stream, TokenStream(data.val))  # before any candidate is built on data that cannot work
+    corpus = int(train_stream.n_tokens)
     sizes = Candidates(cfg, data, device, announce=line)
     target = tokens_per_param(cfg, device)
     kw: dict[str, Any] = dict(budget=budget, corpus_tokens=corpus, seq_len=cfg.data.seq_len, batch_size=t.batch_size,

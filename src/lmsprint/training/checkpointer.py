@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,8 @@ from lmsprint import distributed as D
 from lmsprint.errors import CheckpointError
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.training import checkpoint as ckpt
+
+OptimizerLoad = Literal["load", "fresh", "fit"]
 
 
 class Checkpointer:
@@ -38,6 +40,8 @@ class Checkpointer:
         states: name -> object with ``state_dict``/``load_state_dict`` (None: saved as None, never loaded).
         info: saved with every checkpoint for reference and never loaded back (the run's config).
         model_config: the model's shape, written to meta.json; a checkpoint of another shape is refused.
+        optimizer_name: names the optimizer in every checkpoint; one that holds another's state is refused.
+        files: written into every checkpoint by name, checksummed (the run's tokenizer.json).
         keep: how many checkpoints to keep.
         sharded: FSDP2 on several processes (DTensor parameters, DCP files).
         is_main: this process writes the files (rank 0).
@@ -46,9 +50,12 @@ class Checkpointer:
 
     def __init__(self, root: Path, *, model: GPT, optimizer: torch.optim.Optimizer, states: dict[str, Any],
                  info: dict[str, Any], model_config: GPTConfig, keep: int, sharded: bool, is_main: bool,
-                 warn: Callable[[str], None]) -> None:
+                 warn: Callable[[str], None], optimizer_name: str | None = None,
+                 files: dict[str, bytes] | None = None) -> None:
         self.root, self.model, self.optimizer, self.states, self.info = root, model, optimizer, states, info
         self.model_config, self.keep, self.sharded, self.is_main, self.warn = model_config, keep, sharded, is_main, warn
+        self.optimizer_name = optimizer_name or type(optimizer).__name__
+        self.files = files or {}
         # the start of the run: a checkpoint never written (the weights are made again when needed)
         self.initial = copy.deepcopy({"optimizer": optimizer.state_dict(),
                                       **{name: obj.state_dict() for name, obj in states.items() if obj is not None}})
@@ -68,11 +75,12 @@ class Checkpointer:
             save_sharded(self.model, self.optimizer, tmp / "dcp")
             full_sd = full_model_state(self.model)  # collective: rank 0 gets the whole weights on its CPU
         if self.is_main:
-            state = {"optimizer": None if self.sharded else self.optimizer.state_dict()}  # FSDP: in the DCP shards
+            state = {"optimizer": None if self.sharded else self.optimizer.state_dict(),  # FSDP: in the DCP shards
+                     "optimizer_name": self.optimizer_name}
             state.update({name: None if obj is None else obj.state_dict() for name, obj in self.states.items()})
             path = ckpt.save_checkpoint(self.root, step, model_sd=ckpt.model_state(self.model, full_sd),
                                         state={**state, **self.info}, model_config=self.model_config,
-                                        keep=self.keep, tmp=tmp, protect_step=protect_step)
+                                        keep=self.keep, tmp=tmp, protect_step=protect_step, files=self.files)
         D.barrier()
         return path
 
@@ -83,11 +91,12 @@ class Checkpointer:
         found = D.broadcast_object(None if path is None else str(path))
         return None if found is None else Path(str(found))
 
-    def resume(self) -> Path | None:
-        """Load the newest valid checkpoint (every part); None when the run has none yet (it starts over).
+    def resume(self, *, optimizer: OptimizerLoad = "load") -> Path | None:
+        """Load the newest valid checkpoint (every part; ``optimizer`` as :meth:`load` takes it); None when the run
+        has none yet (it starts over).
 
         Raises:
-            CheckpointError: every checkpoint fails its checksums.
+            CheckpointError: every checkpoint fails its checksums, or it holds another optimizer's state.
         """
         path = self.latest()
         if path is None and ckpt.list_checkpoints(self.root):
@@ -95,11 +104,15 @@ class Checkpointer:
                                   f"checksum); delete {self.root} to train this run again from step 0, or "
                                   "start a new run")
         if path is not None:
-            self.load(path)
+            self.load(path, optimizer=optimizer)
         return path
 
-    def load(self, path: Path, *, parts: Collection[str] | None = None) -> dict[str, Any]:
+    def load(self, path: Path, *, parts: Collection[str] | None = None, optimizer: OptimizerLoad = "load"
+             ) -> dict[str, Any]:
         """Load the model, the optimizer and the ``parts`` of ``states`` (all by default) from a checkpoint.
+
+        ``optimizer``: "load" its state (refused when the checkpoint holds another optimizer's), "fresh" (the
+        optimizer as built, without state) or "fit" (loaded if it is this optimizer's, else fresh).
 
         Returns:
             The checkpoint's saved state, for the parts a caller restores in its own way.
@@ -108,14 +121,35 @@ class Checkpointer:
         if meta["model_config"] != asdict(self.model_config):
             raise CheckpointError(f"checkpoint {path} holds a different model shape than the run's config; resume "
                                   "with the settings the run was started with")
-        if (path / "dcp").is_dir():  # saved by FSDP: DCP reshards to this run's world size and strategy
-            load_sharded(self.model, self.optimizer, path / "dcp")
+        other = self._other_optimizer(state)
+        if other is not None and optimizer == "load":
+            raise CheckpointError(f"checkpoint {path} holds the state of another optimizer ({other}) than this "
+                                  f"run's ({self.optimizer_name}); resume with the optimizer it was trained with, "
+                                  "or pass --resume-fresh-optimizer to continue with a fresh optimizer state")
+        with_optimizer = optimizer == "load" or (optimizer == "fit" and other is None)
+        if ckpt.is_sharded(meta):  # saved by FSDP: DCP reshards to this run's world size and strategy
+            load_sharded(self.model, self.optimizer, path / "dcp", with_optimizer=with_optimizer)
         else:
-            self.load_weights(weights, state["optimizer"])
+            self.load_weights(weights, state["optimizer"] if with_optimizer else None)
+        if not with_optimizer:  # the optimizer as built: no state, the groups' first settings
+            self.optimizer.load_state_dict(copy.deepcopy(self.initial["optimizer"]))
         for name in self.states if parts is None else parts:
             if self.states[name] is not None and state[name] is not None:
                 self.states[name].load_state_dict(state[name])
         return state
+
+    def _other_optimizer(self, state: dict[str, Any]) -> str | None:
+        """The optimizer whose state a checkpoint holds when it is not this one (None when it is, or cannot be told:
+        a sharded checkpoint of an earlier version). Earlier checkpoints name none: told by their param groups."""
+        saved = state.get("optimizer_name")
+        groups = (state.get("optimizer") or {}).get("param_groups")
+        if groups is not None:
+            mine = self.initial["optimizer"]["param_groups"]
+            if len(groups) != len(mine) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, mine)):
+                return saved or "another layout of parameter groups"
+            if saved is None and any(set(a) != set(b) for a, b in zip(groups, mine)):
+                return "one with other settings"
+        return saved if saved not in (None, self.optimizer_name) else None
 
     def load_initial(self, weights: dict[str, Tensor], *, parts: Collection[str]) -> dict[str, Any]:
         """Back to the start of the run: ``weights`` (the initial ones), the optimizer as built (no state, the
@@ -149,6 +183,7 @@ class Checkpointer:
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Every rank writes its shards of the model and optimizer state (Distributed Checkpoint) under ``path``."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -156,16 +191,19 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
         dcp.save(state, checkpoint_id=str(path))
-    except Exception as e:  # raised on every rank (DCP gathers the write results)
+    except (Exception, CheckpointException) as e:  # raised on every rank (DCP gathers the write results)
         raise CheckpointError(f"could not write the sharded checkpoint {path} ({e.__class__.__name__}: {e}); check "
                               "free space and that every node sees the run directory") from None
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, *, with_optimizer: bool = True
+                 ) -> None:
     """Load a Distributed Checkpoint into this run's layout, whatever the world size and strategy that saved it
     (DCP reshards: FSDP2 shards of any size, or whole tensors for one process / DDP). A checkpoint saved with an
-    empty optimizer state (see :func:`save_sharded`) leaves it empty."""
+    empty optimizer state (see :func:`save_sharded`) leaves it empty, as does ``with_optimizer=False``. Nothing
+    in it is unpickled but DCP's metadata classes and plain values (:mod:`lmsprint.training.safe_dcp`)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -173,19 +211,22 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path)
         set_optimizer_state_dict,
     )
 
+    from lmsprint.training.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
+
     unreadable = f"checkpoint {path} cannot be read ({{}}); delete it to fall back to an earlier one"
     try:
-        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        keys = read_metadata(path).state_dict_metadata
     except Exception as e:
         raise CheckpointError(unreadable.format(e.__class__.__name__)) from None
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if any(k.startswith("optim.") for k in keys):
+    if with_optimizer and any(k.startswith("optim.") for k in keys):
         state["optim"] = get_optimizer_state_dict(model, optimizer)  # also materialises the state to load into
     try:
         with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is right
             warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-            dcp.load(state, checkpoint_id=str(path), no_dist=D.world_size() == 1)
-    except Exception as e:
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(),
+                     no_dist=D.world_size() == 1)
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(unreadable.format(e.__class__.__name__)) from None
     set_model_state_dict(model, state["model"])
     if "optim" in state:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmsprint.data.sources import cache_root
-from lmsprint.errors import ConfigError
+from lmsprint.errors import ConfigError, LmsprintError
 
 if TYPE_CHECKING:
     from lmsprint.data.loader import StepBatch
@@ -27,17 +27,23 @@ class MetricsLog:
 
     def __init__(self, path: Path, *, tensorboard: bool = False) -> None:
         self.path = path
-        self._f = open(path, "a", buffering=1)
-        self._tb = None
+        self._f: Any = None  # opened at the first record: a resume refused before it writes nothing
+        self._tb: Any = None
+        self._tensorboard, self._purge_step = tensorboard, None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise ConfigError("--log.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, kind: str, **values: Any) -> None:
         record = {"kind": kind, **values}
+        if self._f is None:
+            self._f = open(self.path, "a", buffering=1)
+            if self._tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
         self._f.write(json.dumps(record, default=float) + "\n")
         if self._tb is not None and "step" in values:
             for key, v in values.items():
@@ -47,6 +53,7 @@ class MetricsLog:
     def replay_from(self, step: int) -> None:
         """A resume or rollback logs steps >= ``step`` again: TensorBoard hides the abandoned attempt's events of
         those steps (readers of metrics.jsonl keep the last record of each step)."""
+        self._purge_step = step
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -54,21 +61,67 @@ class MetricsLog:
             self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=step)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         if self._tb is not None:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl (a line cut short by a crash is skipped)."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+_NUMBERS = ("loss", "lr", "time", "tokens", "tokens_per_s", "mfu", "grad_norm")
+"""Fields that readers do arithmetic on: a record that has one must hold a number there."""
+_LARGEST = 3.4e38  # float32's largest: what a run can log (a loss, a norm); beyond it a number is damage
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63
+
+
+def _is_number(v: Any) -> bool:
+    """An int or float a plot can take: NaN and infinities (a diverged loss), or at most float32's largest."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        not isinstance(v, int) and not math.isfinite(v) or abs(v) <= _LARGEST)
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The record a line holds, or None if it holds none: not UTF-8, not JSON, or not shaped like a record (a
+    ``kind``; an integer ``step``; numbers where readers expect them; a step and a loss in train and val records)."""
+    try:
+        r = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or a number too long to convert
+        return None
+    if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
+        return None
+    if ("step" in r and not _is_int(r["step"])) or (r["kind"] in ("train", "val") and ("step" not in r or
+                                                                                      "loss" not in r)):
+        return None
+    return r if all(_is_number(r[k]) for k in _NUMBERS if k in r) else None
+
+
+def read_metrics(path: Path, *, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: the one reader of these files (compare, plots, bench, restarts).
+
+    A line that holds no well-formed record (one cut short by a crash, a damaged or hand-edited one) is skipped;
+    ``warn``, if given, is told once how many were skipped. A missing file has no records.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise LmsprintError(f"cannot read {path} ({e.strerror or e}); check the run directory") from None
+    out, bad = [], []
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
             continue
+        record = _record(line)
+        if record is None:
+            bad.append(lineno)
+        else:
+            out.append(record)
+    if bad and warn is not None:
+        what = "line of {} that holds" if len(bad) == 1 else "lines of {} that hold"
+        warn(f"warning: skipped {len(bad)} {what.format(path)} no metrics record (line {bad[0]}"
+             f"{', ...' if len(bad) > 1 else ''})")
     return out
 
 

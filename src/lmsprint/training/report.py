@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from lmsprint.config import LogConfig
+from lmsprint.progress import progress_bar
 from lmsprint.training.metrics import MetricsLog
 
 
@@ -52,13 +53,10 @@ class Report:
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int) -> Iterator[tqdm]:
-        """The progress bar of the training loop."""
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
-                        disable=not (self.log.progress and self.is_main))
-        try:
+        """The progress bar of the training loop (erased if the loop fails: the error stays one line)."""
+        with progress_bar(enabled=self.log.progress and self.is_main, total=total, initial=initial, desc="train",
+                          dynamic_ncols=True) as self.bar:
             yield self.bar
-        finally:
-            self.bar.close()
 
     def train(self, record: dict[str, Any]) -> None:
         self.event("train", **record)
@@ -72,8 +70,7 @@ class Report:
 
     def stopped(self, step: int, total: int, *, by_signal: bool) -> None:
         """The loop ended before the last step, or by a signal."""
-        if by_signal:
-            self.line(f"stopped by signal at step {step}; resume with --resume")
+        if by_signal:  # (the CLI says where it stopped and how to continue)
             self.event("event", event="interrupted", step=step)
         elif step < total:
             self.line(f"stopped at step {step} of {total}; --resume continues it")

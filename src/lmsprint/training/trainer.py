@@ -26,6 +26,7 @@ from lmsprint.errors import ConfigError
 from lmsprint.model import GPT, build_model, model_shape, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
+from lmsprint.optim.param_groups import group_settings, restore_settings
 from lmsprint.schedules import LRSchedule, build_schedule, resolve_schedule
 from lmsprint.training import batches as B
 from lmsprint.training import checkpoint as ckpt
@@ -43,11 +44,21 @@ from lmsprint.training.budget import (
 )
 from lmsprint.training.checkpointer import Checkpointer
 from lmsprint.training.guard import Guard
+from lmsprint.training.lock import RunLock
 from lmsprint.training.memory import GPUOutOfMemory, is_out_of_memory, out_of_memory_error
 from lmsprint.training.metrics import MetricsWindow, Stopwatch, graphs_compiled, peak_flops
 from lmsprint.training.precision import resolve_precision
 from lmsprint.training.report import Report, main_lr
-from lmsprint.training.rundir import FreshRunDir, new_run_dir, open_data, prepare_run_dir, resume_config, write_config
+from lmsprint.training.rundir import (
+    FreshRunDir,
+    check_resume_step,
+    commit_resume,
+    new_run_dir,
+    open_data,
+    prepare_run_dir,
+    resume_config,
+    tokenizer_bytes,
+)
 from lmsprint.training.signals import StopSignal
 from lmsprint.training.state import RNGState, TrainState
 from lmsprint.training.step import clip_gradients, evaluate_loss, forward_backward
@@ -63,11 +74,13 @@ class Trainer:
         callbacks: test/experiment hooks.
         timer: the wall clock of a ``--train.budget`` run (default: started now).
         planned: the plan of a fresh budgeted run (its measured costs seed the deadline's estimates).
+        fresh_optimizer: with ``resume``, continue without the checkpoint's optimizer state (the optimizer as the
+            config builds it: how a run changes its optimizer).
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume: bool = False,
                  callbacks: Sequence[Callback] = (), timer: Timer | None = None,
-                 planned: PlannedRun | None = None) -> None:
+                 planned: PlannedRun | None = None, fresh_optimizer: bool = False) -> None:
         self.cfg, self.callbacks, t = cfg, list(callbacks), cfg.train
         self.dist = D.setup(t.device)
         self.device, world, is_main = self.dist.device, self.dist.world, self.dist.is_main
@@ -81,11 +94,12 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats(self.device)  # mem_gb is this run's peak, not an earlier run's
 
-        self.data = open_data(cfg, self.run_dir, is_main=is_main)  # rank 0 prepares (once, cached), then the others
+        self.data = open_data(cfg, self.run_dir, is_main=is_main, resume=resume)  # rank 0 prepares, then the others
         self.micro_rows = B.micro_batch_rows(t, world)
         self.accum = t.batch_size // (self.micro_rows * world)
         train_stream = TokenStream(self.data.train)
         self.corpus_tokens = train_stream.n_tokens
+        B.check_streams(cfg, train_stream, TokenStream(self.data.val))
         self.total_steps = B.total_steps(cfg, train_stream)
 
         self.gpt_config = resolve_model_config(cfg.model, vocab_size=self.data.tokenizer.vocab_size,
@@ -113,6 +127,8 @@ class Trainer:
         self.scheduler = (LRSchedule(self.optimizer, self.budget) if self.budget is not None else
                           build_schedule(self.optimizer, cfg.schedule, total_steps=self.total_steps,
                                          peak_lr=cfg.optim.lr))
+        self.settings = group_settings(self.optimizer)
+        """Each group's settings as the config makes them: a resume or rollback restores them over a checkpoint's."""
         self.horizon_wd = ([g["weight_decay"] for g in self.optimizer.param_groups]
                            if cfg.optim.weight_decay_mode == "horizon" else None)
         """Horizon-aware decay of each group, sized for this run's length at lr scale 1."""
@@ -142,16 +158,17 @@ class Trainer:
                   "rng": RNGState(self.device), "trainer": self.state}
         if self.budget is not None:  # loaded before the scheduler, whose lr it gives
             states = {"budget": self.budget, **states}
+        files = {ckpt.TOKENIZER: tokenizer_bytes(self.data.tokenizer)}  # the run's tokenizer: the copy that counts
         self.checkpointer = Checkpointer(self.ckpt_root, model=model, optimizer=self.optimizer, states=states,
                                          info={"config": cfg.to_dict()}, model_config=self.gpt_config,
                                          keep=t.keep_checkpoints, sharded=self.sharded, is_main=is_main,
-                                         warn=self.report.line)
+                                         warn=self.report.line, optimizer_name=cfg.optim.name,
+                                         files=files)
+        self.fresh_optimizer = fresh_optimizer
         self.best = BestCheckpoint(self.ckpt_root, model=model, model_config=self.gpt_config, sharded=self.sharded,
-                                   is_main=is_main)
+                                   is_main=is_main, files=files)
         if resume:
             self._resume()
-            if is_main:
-                write_config(cfg, self.run_dir)  # overrides of the resume (e.g. more --train.steps) become the config
 
     def _budget(self, timer: Timer) -> Budget:
         """The deadline of a budgeted run: the planned warm-up and cool-down, the corpus's step cap (the plan's
@@ -197,17 +214,31 @@ class Trainer:
             for group, wd in zip(self.optimizer.param_groups, self.horizon_wd):
                 group["weight_decay"] = wd / self.state.lr_scale
 
+    def _restore_settings(self) -> None:
+        """The config's optimizer settings over those a checkpoint brought (a resume may change --optim.lr and the
+        like: they apply from the current step on), peaks times the guard's lr scale, and the step's lr."""
+        restore_settings(self.optimizer, self.settings, lr_scale=self.state.lr_scale)
+        self.scheduler.load_state_dict(self.scheduler.state_dict())
+        self._apply_horizon_wd()
+
     def _resume(self) -> None:
-        path = self.checkpointer.resume()
+        path = self.checkpointer.resume(optimizer="fresh" if self.fresh_optimizer else "load")
+        if path is not None and self.budget is None:  # a budgeted run's length is its time, not its steps
+            check_resume_step(self.cfg, self.state.step, self.total_steps)
+        if path is not None:
+            self._restore_settings()
+        if self.dist.is_main:  # loaded: now the resume's overrides become the config (nothing written before)
+            commit_resume(self.cfg, self.run_dir, self.data.tokenizer, warn=self.report.line)
+        fresh = {"fresh_optimizer": True} if self.fresh_optimizer else {}
         if path is None:
             # stopped before its first checkpoint: nothing was kept, so the run starts again, exactly as it began
             self.report.line(f"no checkpoint in {self.ckpt_root} yet; training from step 0")
-            self.report.event("event", event="resume", step=0, checkpoint="")
+            self.report.event("event", event="resume", step=0, checkpoint="", **fresh)
             return
-        self._apply_horizon_wd()
         self.report.replay_from(self.state.step + 1)
-        self.report.line(f"resumed from {path} at step {self.state.step}")
-        self.report.event("event", event="resume", step=self.state.step, checkpoint=str(path))
+        self.report.line(f"resumed from {path} at step {self.state.step}"
+                         f"{' with a fresh optimizer state' if fresh else ''}")
+        self.report.event("event", event="resume", step=self.state.step, checkpoint=str(path), **fresh)
 
     def _rollback(self) -> None:
         """Back to the newest checkpoint whose weights passed the guard (or to the initial weights), with the lr
@@ -216,21 +247,24 @@ class Trainer:
         reason = self.guard.reason
         self.guard.after_rollback()
         if self.guard.rollbacks > g.max_rollbacks:
+            clip = self.cfg.train.clip_norm
+            advice = f"lower --train.clip_norm (now {clip:g})" if clip > 0 else "enable --train.clip_norm"
             raise TrainingDiverged(f"training diverged: more than {g.max_rollbacks} rollbacks; lower --optim.lr, "
-                                   "enable --train.clip_norm or raise --guard.max_rollbacks")
+                                   f"{advice} or raise --guard.max_rollbacks")
         st.lr_scale *= g.rollback_lr_factor
         # the newest checkpoint whose weights passed the guard: one saved just before the failure may hold the
         # weights that failed (its step is judged only after it is written)
         path = self.checkpointer.latest(max_step=st.good_step)
-        if path is not None:
-            saved = self.checkpointer.load(path, parts=("scheduler", "scaler", "loader"))
+        if path is not None:  # a checkpoint from before a --resume-fresh-optimizer: its state is another's
+            saved = self.checkpointer.load(path, parts=("scheduler", "scaler", "loader"),
+                                           optimizer="fit" if self.fresh_optimizer else "load")
         else:  # nothing saved yet: back to the start (the moving average too: the initial loss is no "spike")
             initial = ckpt.model_state(self.build_model())
             saved = self.checkpointer.load_initial(initial, parts=("scheduler", "loader"))
         st.rollback_to(saved["trainer"])
         self.scheduler.rescale(st.lr_scale / float(saved["trainer"]["lr_scale"]))  # the restored peaks, rescaled
         self.guard.load_average(saved["guard"])
-        self._apply_horizon_wd()
+        self._restore_settings()  # a checkpoint from before a resume that changed them
         st.good_step = st.step  # newer checkpoints belong to the abandoned attempt
         if g.rollback_reseed:
             self.batches.reseed(self.cfg.train.seed + 1000 * self.guard.rollbacks)
@@ -490,8 +524,10 @@ def preflight(cfg: RunConfig, world: int | None = None) -> None:
 
 
 def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          callbacks: Sequence[Callback] = (), timer: Timer | None = None) -> TrainResult:
-    """Train a run from a config (the Python form of ``lmsprint train``).
+          callbacks: Sequence[Callback] = (), fresh_optimizer: bool = False, timer: Timer | None = None
+          ) -> TrainResult:
+    """Train a run from a config (the Python form of ``lmsprint train``). The run directory is locked for the
+    process (rank 0) that trains it: a second process that tries is refused, naming the first.
 
     With ``--train.budget`` a fresh run is planned first (:func:`lmsprint.training.budget.plan_run`; the plan is
     printed) and ends within the budget, counted on ``timer`` (default: from this call).
@@ -500,6 +536,7 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
     timer = timer or Timer()
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     fresh = FreshRunDir(path, resume=resume)
+    lock = RunLock.acquire(path, create=not resume) if D.launch_rank() == 0 else None
     trainer = None
     try:
         planned = None
@@ -507,7 +544,8 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
             planned = plan_run(cfg, timer=timer, progress=cfg.log.progress)
             print(planned.describe(), flush=True)
             cfg = planned.config
-        trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks, timer=timer, planned=planned)
+        trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks, timer=timer, planned=planned,
+                          fresh_optimizer=fresh_optimizer)
         result = trainer.run()
         D.barrier()  # every rank is done: no collective is in flight when the process group goes
         return result
@@ -523,6 +561,8 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
         trainer = None
         gc.collect()
         D.teardown()
+        if lock is not None:
+            lock.release()
 
 
 __all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "preflight", "resume_config",
