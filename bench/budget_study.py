@@ -132,7 +132,7 @@ def run_grid_point(args: argparse.Namespace, budget: str, i: int, cost: Any, res
     from lmsprint.config import parse_duration
     from lmsprint.model.presets import ladder
     from lmsprint.schedules import default_warmup
-    from lmsprint.training.trainer import train
+    from lmsprint.training.run import train
 
     try:
         p = plan_for(args, results, [cost], parse_duration(budget), 1.0, args.min_steps)

@@ -125,7 +125,7 @@ def phase_optim(args: argparse.Namespace, out: Path) -> None:
 
 def _train(name: str, recipe: str, overrides: list[str], args: argparse.Namespace) -> dict:
     from lmsprint.config import build_config
-    from lmsprint.training.trainer import train
+    from lmsprint.training.run import train
 
     run_dir = Path("/tmp/runs") / name
     shutil.rmtree(run_dir, ignore_errors=True)

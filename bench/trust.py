@@ -136,7 +136,7 @@ class Session:
 def train_record(name: str, recipe: str, overrides: list[str]) -> dict:
     from lmsprint.config import build_config
     from lmsprint.training.metrics import read_metrics
-    from lmsprint.training.trainer import train
+    from lmsprint.training.run import train
 
     run_dir = RUNS / name.replace(" ", "_").replace("/", "_").replace("%", "pct").replace("=", "")
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -31,7 +31,7 @@ from lmsprint.data.tokenizer import train_bpe
 from lmsprint.errors import CheckpointError
 from lmsprint.model import build_model, resolve_model_config
 from lmsprint.training import checkpoint as ckpt
-from lmsprint.training.trainer import train
+from lmsprint.training.run import train
 
 TINY = ("--data.tokenizer=byte", "--model.n_layer=1", "--model.n_embd=16", "--model.n_head=2", "--train.steps=2",
         "--train.device=cpu", "--data.seq_len=16", "--train.batch_size=2", "--log.progress=false",

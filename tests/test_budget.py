@@ -20,12 +20,13 @@ from lmsprint.config import ScheduleConfig, build_config, parse_duration
 from lmsprint.errors import ConfigError
 from lmsprint.planner import Cost, fit, nearest
 from lmsprint.schedules import default_warmup, lr_multiplier, resolve_schedule
-from lmsprint.training import budget as budget_mod
+from lmsprint.training import plan as plan_mod
 from lmsprint.training.api import Callback
 from lmsprint.training.best import describe, find_weights
-from lmsprint.training.budget import Budget, Timer, epochs_warning
+from lmsprint.training.budget import Budget, Timer
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import resume_config, train
+from lmsprint.training.plan import epochs_warning
+from lmsprint.training.run import resume_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,12 +185,12 @@ def test_the_planned_run_uses_the_default_warm_up_of_its_planned_length(tmp_path
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     fake_costs(monkeypatch)
     timer = Timer(started=0.0, clock=FakeClock())
-    planned = budget_mod.plan_run(budget_config(corpus, "60s"), timer=timer, progress=False)
+    planned = plan_mod.plan_run(budget_config(corpus, "60s"), timer=timer, progress=False)
     steps = planned.config.train.steps
     assert planned.config.schedule.name == "wsd"
     assert planned.config.schedule.warmup_steps == default_warmup(steps)
     assert planned.plan.expected <= 60
-    kept = budget_mod.plan_run(budget_config(corpus, "60s", schedule__warmup_steps=3), timer=timer, progress=False)
+    kept = plan_mod.plan_run(budget_config(corpus, "60s", schedule__warmup_steps=3), timer=timer, progress=False)
     assert kept.config.schedule.warmup_steps == 3
     assert "wsd" in planned.describe() and "expected" in planned.describe()
 
@@ -200,12 +201,12 @@ def test_with_compile_the_search_measures_eagerly_and_only_the_pick_compiled(cor
 
     def cost_of(cfg: object, gpt: object, **kw: object) -> tuple[Cost, bool]:
         calls.append((gpt.n_embd, cfg.train.compile))  # type: ignore[attr-defined]
-        params, _ = budget_mod.block_params(gpt)  # type: ignore[arg-type]
+        params, _ = plan_mod.block_params(gpt)  # type: ignore[arg-type]
         return Cost(params=params, rows=4, step_s=0.05 * params / 1e5, first_s=0.5, eval_s=0.2, save_s=0.1,
                     finish_s=0.5), True
 
-    monkeypatch.setattr(budget_mod, "cost_of", cost_of)
-    planned = budget_mod.plan_run(budget_config(corpus, "10m", train__compile=True),
+    monkeypatch.setattr(plan_mod, "cost_of", cost_of)
+    planned = plan_mod.plan_run(budget_config(corpus, "10m", train__compile=True),
                                   timer=Timer(started=0.0, clock=FakeClock()), progress=False)
     assert len(calls) >= 2 and not any(compiled for _, compiled in calls[:-1])
     assert calls[-1] == (planned.shape[2], True)
@@ -355,12 +356,12 @@ def fake_costs(monkeypatch: pytest.MonkeyPatch, step_s: float = 0.05) -> None:
     """Every size costs what a 3x-per-size ladder would, without measuring."""
 
     def cost_of(cfg: object, gpt: object, **kw: object) -> tuple[Cost, bool]:
-        params, _ = budget_mod.block_params(gpt)  # type: ignore[arg-type]
+        params, _ = plan_mod.block_params(gpt)  # type: ignore[arg-type]
         scale = params / 1e5
         return Cost(params=params, rows=int(kw["rows"]), step_s=step_s * scale, first_s=0.5, eval_s=0.2,  # type: ignore[call-overload]
                     save_s=0.1, finish_s=0.5), True
 
-    monkeypatch.setattr(budget_mod, "cost_of", cost_of)
+    monkeypatch.setattr(plan_mod, "cost_of", cost_of)
 
 
 def budget_config(corpus: Path, budget: str, **overrides: object):  # noqa: ANN201

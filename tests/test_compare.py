@@ -9,7 +9,7 @@ from conftest import tiny_config
 from lmsprint.cli import main
 from lmsprint.compare import compare, crossing, default_target, load_run, load_runs, table
 from lmsprint.errors import LmsprintError
-from lmsprint.training.trainer import train
+from lmsprint.training.run import train
 
 
 def test_crossing_interpolates_linearly() -> None:

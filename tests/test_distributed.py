@@ -28,7 +28,7 @@ from lmsprint.config import DataConfig, build_config
 from lmsprint.optim import spread as S
 from lmsprint.training.checkpointer import load_sharded, save_sharded
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import resume_config, train
+from lmsprint.training.run import resume_config, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 8

@@ -25,7 +25,7 @@ from lmsprint.export import MODELING_FILE, architecture, export  # noqa: E402
 from lmsprint.model import GPT, GPTConfig, resolve_model_config  # noqa: E402
 from lmsprint.sample import load_model, sample  # noqa: E402
 from lmsprint.training import checkpoint as ckpt  # noqa: E402
-from lmsprint.training.trainer import train  # noqa: E402
+from lmsprint.training.run import train  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 from lmsprint.config import SECTIONS, RunConfig, build_config, to_toml  # noqa: E402
 from lmsprint.config.values import hints  # noqa: E402
 from lmsprint.errors import ConfigError  # noqa: E402
-from lmsprint.training.trainer import preflight  # noqa: E402
+from lmsprint.training.run import preflight  # noqa: E402
 
 KEYS = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)]
 SETTINGS = settings(max_examples=250, derandomize=True, deadline=None, database=None,

@@ -22,7 +22,8 @@ from conftest import make_docs, tiny_config  # noqa: E402
 
 from lmsprint.training import checkpoint as ckpt  # noqa: E402
 from lmsprint.training.metrics import read_metrics  # noqa: E402
-from lmsprint.training.trainer import Callback, train  # noqa: E402
+from lmsprint.training.run import train  # noqa: E402
+from lmsprint.training.trainer import Callback  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden.json")
 pytestmark = pytest.mark.usefixtures("one_thread")  # the matmuls' sums, and so the losses, do not depend on cores

@@ -28,7 +28,8 @@ from lmsprint.training import checkpoint as ckpt
 from lmsprint.training import memory
 from lmsprint.training.memory import GPUOutOfMemory, suggest_micro_batch
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import Callback, Trainer, train
+from lmsprint.training.run import train
+from lmsprint.training.trainer import Callback, Trainer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # ~250 optimizer steps of a 1-layer model: a few seconds of training, long enough to interrupt on purpose

@@ -15,7 +15,7 @@ from conftest import assert_clean_error, run_cli, tiny_config
 from lmsprint.errors import ConfigError
 from lmsprint.restarts import RestartRun, restarts, train_command
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import train
+from lmsprint.training.run import train
 
 SWEEP = {"train__steps": 12, "train__eval_every": 4, "train__ckpt_every": 4}
 

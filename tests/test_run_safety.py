@@ -35,7 +35,8 @@ from lmsprint.training import checkpoint as ckpt
 from lmsprint.training.checkpointer import save_sharded
 from lmsprint.training.lock import LOCK, RunLock
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import Trainer, resume_config, train
+from lmsprint.training.run import resume_config, train
+from lmsprint.training.trainer import Trainer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -390,7 +391,7 @@ def test_two_resumes_of_one_run_the_second_is_refused(run: Path, tmp_path: Path)
 
 def test_only_rank_0_takes_the_lock(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun every rank calls train(); rank 0 owns the run (the others would be refused by it)."""
-    from lmsprint.training import trainer as T
+    from lmsprint.training import run as T
 
     taken = []
     monkeypatch.setattr(T.RunLock, "acquire", classmethod(lambda cls, path, create: taken.append(path)))

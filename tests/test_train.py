@@ -12,7 +12,7 @@ from lmsprint.config import DataConfig
 from lmsprint.data.prepare import prepared_data
 from lmsprint.model import GPT, GPTConfig
 from lmsprint.training.metrics import read_metrics
-from lmsprint.training.trainer import train
+from lmsprint.training.run import train
 
 
 def losses(run_dir: Path) -> dict[int, float]:

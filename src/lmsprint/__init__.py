@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:  # imported lazily: `import lmsprint` stays c
 
         return prepare
     if name == "train":
-        from lmsprint.training.trainer import train
+        from lmsprint.training.run import train
 
         return train
     raise AttributeError(f"module 'lmsprint' has no attribute {name!r}")

@@ -23,7 +23,8 @@ from lmsprint.errors import LmsprintError
 from lmsprint.plots import plot_bench
 from lmsprint.reference import Reference, check_curve
 from lmsprint.training.metrics import read_metrics, steady
-from lmsprint.training.trainer import Callback, train
+from lmsprint.training.run import train
+from lmsprint.training.trainer import Callback
 
 # One technique of a recipe removed at a time (`--ablate fast`): name -> overrides that switch it off.
 ABLATIONS: dict[str, list[str]] = {

@@ -71,8 +71,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.distributed import launch_rank
-    from lmsprint.training.budget import Timer, clock_text, plan_run, process_start
-    from lmsprint.training.trainer import new_run_dir, resume_config, train
+    from lmsprint.training.budget import Timer, clock_text, process_start
+    from lmsprint.training.plan import plan_run
+    from lmsprint.training.run import new_run_dir, resume_config, train
 
     timer = Timer(started=process_start())  # a --train.budget counts from the launch
     overrides = _with_data(args, overrides)
@@ -95,7 +96,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     if args.nproc != 1:
         from lmsprint.launch import launch
-        from lmsprint.training.trainer import preflight
+        from lmsprint.training.run import preflight
 
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")

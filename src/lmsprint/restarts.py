@@ -83,7 +83,7 @@ def _run_name(seed: int) -> str:
 
 
 def _in_process(cfg: RunConfig, run: RestartRun, stop: int | None, first: bool) -> None:
-    from lmsprint.training.trainer import resume_config, train
+    from lmsprint.training.run import resume_config, train
 
     if first:
         cfg = copy.deepcopy(cfg)
@@ -255,7 +255,7 @@ def restarts(cfg: RunConfig, *, n: int, keep: int = 1, probe_steps: int | None =
     Raises:
         ConfigError: inconsistent arguments, or ``out_dir`` already holds runs of these seeds.
     """
-    from lmsprint.training.trainer import preflight
+    from lmsprint.training.run import preflight
 
     preflight(cfg)
     if cfg.train.epochs is not None:

@@ -7,8 +7,6 @@ when the guard is off, except on log steps).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import time
 from collections.abc import Sequence
@@ -19,44 +17,30 @@ from typing import Any
 import torch
 
 from lmsprint import distributed as D
-from lmsprint.config import RunConfig, validate
+from lmsprint.config import RunConfig
 from lmsprint.data.batching import TokenStream
 from lmsprint.data.loader import StepBatch
-from lmsprint.errors import ConfigError
-from lmsprint.model import GPT, build_model, model_shape, resolve_model_config
+from lmsprint.model import GPT, build_model, resolve_model_config
 from lmsprint.model.layers import flex_available
 from lmsprint.optim import build_optimizer, describe
-from lmsprint.optim.param_groups import group_settings, restore_settings
-from lmsprint.schedules import LRSchedule, build_schedule, resolve_schedule
+from lmsprint.optim.param_groups import group_settings
+from lmsprint.schedules import LRSchedule, build_schedule
 from lmsprint.training import batches as B
 from lmsprint.training import checkpoint as ckpt
+from lmsprint.training import recovery
 from lmsprint.training.api import Callback, TrainingDiverged, TrainResult
 from lmsprint.training.best import BestCheckpoint
-from lmsprint.training.budget import (
-    ONE_PROCESS,
-    Budget,
-    PlannedRun,
-    Timer,
-    budget_seconds,
-    clock_text,
-    epochs_warning,
-    plan_run,
-)
+from lmsprint.training.budget import FixedLength, Timer, clock_text, run_budget
 from lmsprint.training.checkpointer import Checkpointer
 from lmsprint.training.guard import Guard
-from lmsprint.training.lock import RunLock
 from lmsprint.training.memory import GPUOutOfMemory, is_out_of_memory, out_of_memory_error
 from lmsprint.training.metrics import MetricsWindow, Stopwatch, graphs_compiled, peak_flops
+from lmsprint.training.plan import PlannedRun, epochs_warning
 from lmsprint.training.precision import resolve_precision
 from lmsprint.training.report import Report, main_lr
 from lmsprint.training.rundir import (
-    FreshRunDir,
-    check_resume_step,
-    commit_resume,
-    new_run_dir,
     open_data,
     prepare_run_dir,
-    resume_config,
     tokenizer_bytes,
 )
 from lmsprint.training.signals import StopSignal
@@ -122,8 +106,12 @@ class Trainer:
         self.optimizer = build_optimizer(model.named_parameters(), cfg.optim, total_steps=self.total_steps,
                                          data_parallel=world > 1)
         self.planned = planned
-        self.budget = self._budget(timer or Timer()) if t.budget is not None else None
+        self.budget = (run_budget(cfg, total_steps=self.total_steps, corpus_tokens=self.corpus_tokens,
+                                  device=self.device, timer=timer or Timer(), cost=planned.cost if planned else None)
+                       if t.budget is not None else None)
         """The deadline of a --train.budget run: its lr schedule, with the cool-down started on time."""
+        self.length = self.budget if self.budget is not None else FixedLength(self.total_steps)
+        """Where the run ends (the budget's end as far as it is known), and what is timed for it."""
         self.scheduler = (LRSchedule(self.optimizer, self.budget) if self.budget is not None else
                           build_schedule(self.optimizer, cfg.schedule, total_steps=self.total_steps,
                                          peak_lr=cfg.optim.lr))
@@ -170,30 +158,6 @@ class Trainer:
         if resume:
             self._resume()
 
-    def _budget(self, timer: Timer) -> Budget:
-        """The deadline of a budgeted run: the planned warm-up and cool-down, the corpus's step cap (the plan's
-        --train.max_epochs) and the plan's measured costs as the first estimates."""
-        cfg, t = self.cfg, self.cfg.train
-        schedule = resolve_schedule(cfg.schedule, total_steps=self.total_steps, peak_lr=cfg.optim.lr)
-        tokens_per_step = t.batch_size * cfg.data.seq_len
-        max_steps = max(self.total_steps, math.floor(t.max_epochs * self.corpus_tokens / tokens_per_step))
-        c = self.planned.cost if self.planned is not None else None
-        costs = {"eval": c.eval_s if c else 0.0, "save": c.save_s if c else 0.0, "finish": c.finish_s if c else 0.0}
-        return Budget(budget_seconds(t.budget, self.device), timer=timer, schedule=schedule, max_steps=max_steps,
-                      eval_every=t.eval_every or max_steps, ckpt_every=t.ckpt_every, costs=costs)
-
-    def _end_step(self) -> int:
-        """The step the run ends at: the configured length, or the budget's end as far as it is known."""
-        return self.budget.end if self.budget is not None else self.total_steps
-
-    def _expected_end(self) -> int:
-        """The end as far as a person is told (the plan's length until the budget's cool-down starts)."""
-        return self.budget.expected_end if self.budget is not None else self.total_steps
-
-    def _timed(self, kind: str) -> contextlib.AbstractContextManager:
-        """Around an evaluation or a checkpoint: off the training clock, and timed for the budget."""
-        return self.budget.paused(kind) if self.budget is not None else contextlib.nullcontext()
-
     def build_model(self) -> GPT:
         """The run's model with its initial weights (the same ones at the start and at a rollback to it)."""
         dtype = torch.bfloat16 if self.precision == "bf16-pure" else None  # bf16 weights, fp32 optimizer state
@@ -207,76 +171,11 @@ class Trainer:
         protect = self.state.good_step if self.cfg.guard.enabled else None
         return self.checkpointer.save(self.state.step, protect_step=protect)
 
-    def _apply_horizon_wd(self) -> None:
-        """Keep horizon-aware decay's lr x wd = 1 / (wd_horizon x total steps) after a checkpoint load or rollback:
-        sized for this run's length (a resume may change --train.steps) and divided by the guard's lr scale."""
-        if self.horizon_wd is not None:
-            for group, wd in zip(self.optimizer.param_groups, self.horizon_wd):
-                group["weight_decay"] = wd / self.state.lr_scale
-
-    def _restore_settings(self) -> None:
-        """The config's optimizer settings over those a checkpoint brought (a resume may change --optim.lr and the
-        like: they apply from the current step on), peaks times the guard's lr scale, and the step's lr."""
-        restore_settings(self.optimizer, self.settings, lr_scale=self.state.lr_scale)
-        self.scheduler.load_state_dict(self.scheduler.state_dict())
-        self._apply_horizon_wd()
-
     def _resume(self) -> None:
-        path = self.checkpointer.resume(optimizer="fresh" if self.fresh_optimizer else "load")
-        if path is not None and self.budget is None:  # a budgeted run's length is its time, not its steps
-            check_resume_step(self.cfg, self.state.step, self.total_steps)
-        if path is not None:
-            self._restore_settings()
-        if self.dist.is_main:  # loaded: now the resume's overrides become the config (nothing written before)
-            commit_resume(self.cfg, self.run_dir, self.data.tokenizer, warn=self.report.line)
-        fresh = {"fresh_optimizer": True} if self.fresh_optimizer else {}
-        if path is None:
-            # stopped before its first checkpoint: nothing was kept, so the run starts again, exactly as it began
-            self.report.line(f"no checkpoint in {self.ckpt_root} yet; training from step 0")
-            self.report.event("event", event="resume", step=0, checkpoint="", **fresh)
-            return
-        self.report.replay_from(self.state.step + 1)
-        self.report.line(f"resumed from {path} at step {self.state.step}"
-                         f"{' with a fresh optimizer state' if fresh else ''}")
-        self.report.event("event", event="resume", step=self.state.step, checkpoint=str(path), **fresh)
+        recovery.resume(self)
 
     def _rollback(self) -> None:
-        """Back to the newest checkpoint whose weights passed the guard (or to the initial weights), with the lr
-        scaled down and the data reshuffled; the guard's counters and the training time carry on."""
-        st, g = self.state, self.cfg.guard
-        reason = self.guard.reason
-        self.guard.after_rollback()
-        if self.guard.rollbacks > g.max_rollbacks:
-            clip = self.cfg.train.clip_norm
-            advice = f"lower --train.clip_norm (now {clip:g})" if clip > 0 else "enable --train.clip_norm"
-            raise TrainingDiverged(f"training diverged: more than {g.max_rollbacks} rollbacks; lower --optim.lr, "
-                                   f"{advice} or raise --guard.max_rollbacks")
-        st.lr_scale *= g.rollback_lr_factor
-        # the newest checkpoint whose weights passed the guard: one saved just before the failure may hold the
-        # weights that failed (its step is judged only after it is written)
-        path = self.checkpointer.latest(max_step=st.good_step)
-        if path is not None:  # a checkpoint from before a --resume-fresh-optimizer: its state is another's
-            saved = self.checkpointer.load(path, parts=("scheduler", "scaler", "loader"),
-                                           optimizer="fit" if self.fresh_optimizer else "load")
-        else:  # nothing saved yet: back to the start (the moving average too: the initial loss is no "spike")
-            initial = ckpt.model_state(self.build_model())
-            saved = self.checkpointer.load_initial(initial, parts=("scheduler", "loader"))
-        st.rollback_to(saved["trainer"])
-        self.scheduler.rescale(st.lr_scale / float(saved["trainer"]["lr_scale"]))  # the restored peaks, rescaled
-        self.guard.load_average(saved["guard"])
-        self._restore_settings()  # a checkpoint from before a resume that changed them
-        st.good_step = st.step  # newer checkpoints belong to the abandoned attempt
-        if g.rollback_reseed:
-            self.batches.reseed(self.cfg.train.seed + 1000 * self.guard.rollbacks)
-        # persist the rollback (lr scale, counters, data seed); saving replaces step_S and deletes the abandoned
-        # attempt's newer checkpoints, which a resume after a crash would otherwise pick up
-        self.save()
-        self.report.replay_from(st.step + 1)
-        where = path or "initial weights"
-        self.report.line(f"{reason}: rollback #{self.guard.rollbacks} to step {st.step} ({where}); lr scale "
-                         f"{st.lr_scale:g}{', data reshuffled' if g.rollback_reseed else ''}")
-        self.report.event("event", event="rollback", step=st.step, checkpoint=str(path or ""), lr_scale=st.lr_scale,
-                          rollbacks=self.guard.rollbacks, reason=reason, data_seed=self.loader.seed)
+        recovery.rollback(self)
 
     # ------------------------------------------------------------------------------------------------------
     # steps
@@ -368,11 +267,7 @@ class Trainer:
                           precision=self.precision, total_steps=self.total_steps, accum=self.accum,
                           micro_batch=self.micro_rows, torch=torch.__version__, optimizer=describe(self.optimizer))
         if self.planned is not None:
-            p = self.planned.plan
-            self.report.event("plan", budget=p.budget, spent=p.spent, expected=p.expected, steps=p.steps,
-                              batch=p.batch_size, shape=list(self.planned.shape),
-                              tokens=p.tokens, epochs=p.epochs, params=p.params, tokens_per_param=p.tokens_per_param,
-                              target=p.target, limit=p.limit, breakdown=p.breakdown)
+            self.report.event("plan", **self.planned.record())
         self.report.line(f"model {self.model.num_params() / 1e6:.2f}M params | {self.total_steps} steps of "
                          f"{t.batch_size}x{cfg.data.seq_len} tokens | {self.device} {self.precision} | run "
                          f"{self.run_dir}")
@@ -397,7 +292,7 @@ class Trainer:
     def _eval_and_log(self, last_loss: float | None) -> bool:
         """Evaluate (off the clock) and log it; True when a callback ends the run here."""
         st = self.state
-        with self.clock.paused(), self._timed("eval"):
+        with self.clock.paused(), self.length.paused("eval"):
             self.val_loss = val_loss = self.evaluate()
             self.best.update(st.step, val_loss)
             st.val_history.append((st.step, val_loss))
@@ -407,15 +302,12 @@ class Trainer:
 
     def _finish(self, last_loss: float | None) -> TrainResult:
         st, guard, val_loss, best = self.state, self.guard, self.val_loss, self.best
-        timing = {}
-        if self.budget is not None:
-            timing = {"budget": self.budget.seconds, "used": self.budget.used(),
-                      "cooldown_start": self.budget.cooldown.start if self.budget.cooldown else None}
+        timing = self.budget.timing() if self.budget is not None else {}
         self.report.summary(step=st.step, train_loss=last_loss, val_loss=val_loss, train_time=st.train_time,
                             compile_time=self.compile_time, skipped=guard.bad_total, rollbacks=guard.rollbacks,
                             spikes=guard.spikes, tokens=st.tokens_seen, graphs=graphs_compiled() - self._graphs_before,
                             best_step=best.step, best_val_loss=best.loss if best.step is not None else None, **timing)
-        stopped = self.stop.signum is not None and st.step < self._end_step()  # (a signal on the last step: done)
+        stopped = self.stop.signum is not None and st.step < self.length.end  # (a signal on the last step: done)
         return TrainResult(run_dir=self.run_dir, step=st.step, train_loss=last_loss, val_loss=val_loss,
                            interrupted=stopped, skipped_steps=guard.bad_total, rollbacks=guard.rollbacks,
                            train_time=st.train_time, compile_time=self.compile_time,
@@ -456,12 +348,11 @@ class Trainer:
         first_step = st.step
         self.val_loss = st.val_history[-1][1] if st.val_history else None
         # SIGINT/SIGTERM: stop at the end of the step, checkpointed
-        with self.stop, self.report.progress(self._expected_end(), st.step) as bar:
+        with self.stop, self.report.progress(self.length.expected_end, st.step) as bar:
             self.clock.start()
             self.window.reset()
-            if self.budget is not None:
-                self.budget.start()
-            while st.step < self._end_step():
+            self.length.start()
+            while st.step < self.length.end:
                 step = st.step
                 batch = self.batches.take(step)
                 loss = self._forward_backward(batch)
@@ -469,7 +360,7 @@ class Trainer:
                     cb.on_grads(step, self.model)
                 norm = self._clip()
                 self.batches.prefetch(step + 1)  # the next batch is built while the device works on this one
-                log_now = (step + 1) % t.log_every == 0 or step + 1 == self._end_step()
+                log_now = (step + 1) % t.log_every == 0 or step + 1 == self.length.end
                 loss_value, norm_value, stop_votes = self._host_stats(loss, norm, log_now)
                 decision = self._judge(loss_value, norm_value)
                 if decision == "rollback":
@@ -477,7 +368,7 @@ class Trainer:
                     bar.n = st.step
                     continue
                 self._update(step, batch, decision, loss_value, norm_value, log_now)
-                if self.budget is not None and self.budget.step_done(st.step):
+                if self.length.step_done(st.step):
                     self._cooldown_changed(bar)
                 if st.step == first_step + 1 and self.report.metrics:  # launch-to-first-step is measured from this
                     self._sync()
@@ -485,7 +376,7 @@ class Trainer:
                 if math.isfinite(loss_value):
                     last_loss = loss_value
                 # stop_at_step ends the run early (evaluated and checkpointed) on a schedule over total_steps
-                end = st.step == self._end_step() or st.step == t.stop_at_step
+                end = st.step == self.length.end or st.step == t.stop_at_step
                 if log_now:
                     self._log_train(loss_value, norm_value, batch.seq_len)
                 if (t.eval_every and st.step % t.eval_every == 0) or end:
@@ -493,11 +384,11 @@ class Trainer:
                 # several processes stop only on a step whose stats were all-reduced (each step with the guard on)
                 stop = self.stop.agreed(stop_votes, self.dist.world)
                 if (t.ckpt_every and st.step % t.ckpt_every == 0) or end or stop:
-                    with self.clock.paused(), self._timed("save"):
+                    with self.clock.paused(), self.length.paused("save"):
                         self.save()
                 bar.update(1)
                 if end or stop:
-                    self.report.stopped(st.step, self._expected_end(), by_signal=not end)
+                    self.report.stopped(st.step, self.length.expected_end, by_signal=not end)
                     break
         return self._finish(last_loss)
 
@@ -512,58 +403,4 @@ class Trainer:
         self.report.event("event", event="cooldown", step=st.step, end=b.end, left=b.cooldown.left, seconds_left=left)
 
 
-def preflight(cfg: RunConfig, world: int | None = None) -> None:
-    """Every check that needs no data, before anything is prepared: the config's sections, the model's shape and,
-    given the number of processes, how the batch splits over them."""
-    validate(cfg)
-    model_shape(cfg.model)
-    if world is not None:
-        B.micro_batch_rows(cfg.train, world)
-        if world > 1 and cfg.train.budget is not None:
-            raise ConfigError(ONE_PROCESS)
-
-
-def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          callbacks: Sequence[Callback] = (), fresh_optimizer: bool = False, timer: Timer | None = None
-          ) -> TrainResult:
-    """Train a run from a config (the Python form of ``lmsprint train``). The run directory is locked for the
-    process (rank 0) that trains it: a second process that tries is refused, naming the first.
-
-    With ``--train.budget`` a fresh run is planned first (:func:`lmsprint.training.budget.plan_run`; the plan is
-    printed) and ends within the budget, counted on ``timer`` (default: from this call).
-    """
-    preflight(cfg)
-    timer = timer or Timer()
-    path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    fresh = FreshRunDir(path, resume=resume)
-    lock = RunLock.acquire(path, create=not resume) if D.launch_rank() == 0 else None
-    trainer = None
-    try:
-        planned = None
-        if cfg.train.budget is not None and not resume:
-            planned = plan_run(cfg, timer=timer, progress=cfg.log.progress)
-            print(planned.describe(), flush=True)
-            cfg = planned.config
-        trainer = Trainer(cfg, path, resume=resume, callbacks=callbacks, timer=timer, planned=planned,
-                          fresh_optimizer=fresh_optimizer)
-        result = trainer.run()
-        D.barrier()  # every rank is done: no collective is in flight when the process group goes
-        return result
-    except BaseException as e:
-        # a run that fails to start leaves no run directory behind; one that trained keeps its metrics and
-        # checkpoints
-        if trainer is None or (isinstance(e, GPUOutOfMemory) and not trainer.ckpt_root.exists()):
-            fresh.discard()
-        raise
-    finally:
-        # the wrapped model holds the process group: free it now rather than at interpreter exit, where gloo's
-        # worker threads dying with it can abort the process ("terminate called without an active exception")
-        trainer = None
-        gc.collect()
-        D.teardown()
-        if lock is not None:
-            lock.release()
-
-
-__all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "preflight", "resume_config",
-           "train"]
+__all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "Trainer", "TrainingDiverged"]
