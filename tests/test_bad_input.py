@@ -79,7 +79,8 @@ def _other_tokenizer(d: Path) -> None:
 
 
 def _corrupt_all_checkpoints(d: Path) -> None:
-    for path in ckpt.list_checkpoints(d / "runs" / "good" / "checkpoints"):
+    root = d / "runs" / "good" / "checkpoints"
+    for path in [*ckpt.list_checkpoints(root), root / "best"]:
         raw = bytearray((path / "state.pt").read_bytes())
         raw[10] ^= 0xFF
         (path / "state.pt").write_bytes(bytes(raw))
@@ -486,24 +487,28 @@ def test_checkpoint_write_error_other_than_space(tmp_path: Path, monkeypatch: py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
 
 
+@pytest.mark.parametrize(("target", "shown"), [("step_00000006", "step_00000006"), ("best", "checkpoints/best")])
 def test_full_disk_during_training_stops_cleanly_and_resumes(tmp_path: Path, corpus: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """What `lmsprint train` does on a full disk: the error (exit 2), earlier checkpoints kept, --resume later."""
+                                                             monkeypatch: pytest.MonkeyPatch, target: str,
+                                                             shown: str) -> None:
+    """What `lmsprint train` does on a full disk, writing a step's checkpoint or best/: the error (exit 2) naming
+    the checkpoint and the run to resume, earlier checkpoints kept, --resume later."""
     real = ckpt.save_file
-    calls = {"n": 0}
+    failed = []
 
-    def full_on_second(*args: object, **kwargs: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def full_at_target(sd: object, path: str, *args: object, **kwargs: object) -> None:
+        if not failed and f".tmp-{target}-" in path:  # the first write of that checkpoint
+            failed.append(path)
             raise ckpt.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        real(*args, **kwargs)
+        real(sd, path, *args, **kwargs)
 
-    cfg = tiny_config(corpus, train__steps=10, train__ckpt_every=3)
+    cfg = tiny_config(corpus, train__steps=10, train__ckpt_every=3, train__eval_every=5)
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(ckpt, "save_file", full_on_second)
-        with pytest.raises(CheckpointError, match="disk full while writing checkpoint .*step_00000006"):
+        m.setattr(ckpt, "save_file", full_at_target)
+        with pytest.raises(CheckpointError, match=f"disk full while writing checkpoint .*{shown} .*--resume {run}$"):
             train(cfg, run_dir=run)
+    assert failed
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000003"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     result = train(cfg, run_dir=run, resume=True)

@@ -15,13 +15,13 @@ from lmsprint.config import ScheduleConfig
 from lmsprint.errors import ConfigError, LmsprintError
 from lmsprint.optim.ademamix import ademamix_alpha, ademamix_beta3
 from lmsprint.optim.muon import muon_momentum
+from lmsprint.schedule_report import schedule_report
 from lmsprint.schedules import (
     GroupSchedule,
     LRSchedule,
     build_schedule,
     lr_multiplier,
     resolve_schedule,
-    schedule_report,
 )
 
 REL, ABS = 1e-6, 1e-12

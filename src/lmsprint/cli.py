@@ -71,9 +71,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
     from lmsprint.distributed import launch_rank
-    from lmsprint.training.budget import Timer, clock_text, process_start
+    from lmsprint.training.budget import Timer, process_start
     from lmsprint.training.plan import plan_run
-    from lmsprint.training.run import new_run_dir, resume_config, train
+    from lmsprint.training.run import new_run_dir, print_outcome, resume_config, train
 
     timer = Timer(started=process_start())  # a --train.budget counts from the launch
     overrides = _with_data(args, overrides)
@@ -104,33 +104,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return launch(args.nproc, args.argv)
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume), fresh_optimizer=args.resume_fresh_optimizer,
                    timer=timer)
-    main_rank = launch_rank() == 0  # under torchrun: rank 0 reports and samples
-    if result.interrupted:  # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
-        if main_rank:
-            print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
-                  file=sys.stderr)
-        return 128 + int(result.stop_signal or 2)
-    if not main_rank:
-        return 0
-    print(f"\nrun: {result.run_dir}")
-    if result.val_loss is not None:
-        print(f"final validation loss: {result.val_loss:.4f} after {result.step} steps "
-              f"({result.train_time:.1f}s of training)")
-    if result.best_step is not None and result.best_val_loss is not None:
-        print(f"best validation loss: {result.best_val_loss:.4f} at step {result.best_step} (kept in "
-              f"{result.run_dir / 'checkpoints' / 'best'}; sample and export use it)")
-    if cfg.log.plot and (result.run_dir / "loss.png").exists():
-        print(f"loss plot: {result.run_dir / 'loss.png'}")
-    if args.sample > 0:
-        from lmsprint.sample import sample
-
-        text = sample(result.run_dir, max_new_tokens=args.sample, seed=cfg.train.seed)[0]
-        print("sample:\n" + "-" * 60 + f"\n{text}\n" + "-" * 60)
-    if result.budget is not None:
-        planned = f", {clock_text(result.expected)} planned" if result.expected is not None else ""
-        used = result.budget_before + timer.elapsed()  # a resumed run: its earlier processes' time too
-        print(f"time: {clock_text(used)} of the {clock_text(result.budget)} budget{planned}")
-    return 0
+    if launch_rank() == 0:  # under torchrun: rank 0 reports and samples
+        print_outcome(result, cfg, sample_tokens=args.sample, timer=timer)
+    # stopped by SIGINT/SIGTERM at a step boundary, checkpointed: 128 + signal, as a shell
+    return 128 + int(result.stop_signal or 2) if result.interrupted else 0
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -193,7 +170,7 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmsprint.config import build_config
-    from lmsprint.schedules import schedule_report
+    from lmsprint.schedule_report import schedule_report
 
     cfg = build_config(_recipe_default(args.config, overrides), overrides)  # what `lmsprint train` would use
     if cfg.train.epochs is not None:

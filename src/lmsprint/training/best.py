@@ -85,7 +85,8 @@ class BestCheckpoint:
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             written = ckpt.save_checkpoint(scratch, step, model_sd=weights, state=state,
-                                           model_config=self.model_config, keep=1, files=self.files)
+                                           model_config=self.model_config, keep=1, files=self.files,
+                                           shown_as=self.path)
             old = self.root / f".tmp-old-{NAME}-{os.getpid()}"
             if self.path.exists():
                 os.replace(self.path, old)

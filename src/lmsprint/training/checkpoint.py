@@ -103,11 +103,13 @@ def sharded_temp_dir(ckpt_root: Path, step: int) -> Path:
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Tensor], state: dict[str, Any],
                     model_config: GPTConfig, keep: int, tmp: Path | None = None,
-                    protect_step: int | None = None, files: dict[str, bytes] | None = None) -> Path:
+                    protect_step: int | None = None, files: dict[str, bytes] | None = None,
+                    shown_as: Path | None = None) -> Path:
     """Write a checkpoint atomically and prune old ones; returns its directory.
 
     ``tmp``: a :func:`sharded_temp_dir` already holding the other ranks' files, checksummed and renamed with the rest.
     ``files``: more files to write into it by name (the run's ``tokenizer.json``), checksummed like the others.
+    ``shown_as``: where an error says the checkpoint was going (``best/``, written under a scratch root first).
     """
     final = ckpt_root / f"{PREFIX}{step:08d}"
     # the newest checkpoint at most protect_step (the guard's last judged-good one) is never pruned
@@ -150,12 +152,13 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_sd: dict[str, torch.Ten
         shutil.rmtree(tmp, ignore_errors=True)  # a second Ctrl-C, a full disk...: nothing half-written stays
         if not isinstance(e, (OSError, RuntimeError, SafetensorError)):
             raise
-        resume = f"then continue with --resume {ckpt_root.parent}"
+        shown = shown_as or final
+        resume = f"then continue with --resume {shown.parent.parent}"
         if _disk_full(e, ckpt_root):
-            raise CheckpointError(f"disk full while writing checkpoint {final} (earlier checkpoints are intact); "
+            raise CheckpointError(f"disk full while writing checkpoint {shown} (earlier checkpoints are intact); "
                                   f"free space (or lower --train.keep_checkpoints, if above 1), {resume}") from None
         reason = getattr(e, "strerror", None) or (str(e).splitlines() or [e.__class__.__name__])[0]
-        raise CheckpointError(f"could not write checkpoint {final} ({reason}; earlier checkpoints are intact); "
+        raise CheckpointError(f"could not write checkpoint {shown} ({reason}; earlier checkpoints are intact); "
                               f"check the run directory's permissions and free space, {resume}") from None
     # checkpoints of later steps are stale (a corrupt one skipped on resume): the run has moved past them
     for old in [p for p in list_checkpoints(ckpt_root) if p.name > final.name]:

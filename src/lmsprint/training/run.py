@@ -4,6 +4,7 @@ when it has a budget, cleaned up when it fails to start). The Python form of ``l
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lmsprint.errors import ConfigError
 from lmsprint.model import model_shape
 from lmsprint.training import batches as B
 from lmsprint.training.api import Callback, TrainingDiverged, TrainResult
-from lmsprint.training.budget import ONE_PROCESS, Timer
+from lmsprint.training.budget import ONE_PROCESS, Timer, clock_text
 from lmsprint.training.lock import RunLock
 from lmsprint.training.memory import GPUOutOfMemory
 from lmsprint.training.plan import plan_run
@@ -74,5 +75,33 @@ def train(cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = F
             lock.release()
 
 
-__all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "TrainingDiverged", "new_run_dir", "preflight",
+def print_outcome(result: TrainResult, cfg: RunConfig, *, sample_tokens: int, timer: Timer) -> None:
+    """What ``lmsprint train`` prints when a run ends: where it is, its final and best losses, the plot, a sample
+    of ``sample_tokens`` tokens, and a budgeted run's time (counted on ``timer`` from the launch); a run stopped by
+    a signal says how to continue it."""
+    if result.interrupted:
+        print(f"stopped at step {result.step}; continue with: lmsprint train --resume {result.run_dir}",
+              file=sys.stderr)
+        return
+    print(f"\nrun: {result.run_dir}")
+    if result.val_loss is not None:
+        print(f"final validation loss: {result.val_loss:.4f} after {result.step} steps "
+              f"({result.train_time:.1f}s of training)")
+    if result.best_step is not None and result.best_val_loss is not None:
+        print(f"best validation loss: {result.best_val_loss:.4f} at step {result.best_step} (kept in "
+              f"{result.run_dir / 'checkpoints' / 'best'}; sample and export use it)")
+    if cfg.log.plot and (result.run_dir / "loss.png").exists():
+        print(f"loss plot: {result.run_dir / 'loss.png'}")
+    if sample_tokens > 0:
+        from lmsprint.sample import sample
+
+        text = sample(result.run_dir, max_new_tokens=sample_tokens, seed=cfg.train.seed)[0]
+        print("sample:\n" + "-" * 60 + f"\n{text}\n" + "-" * 60)
+    if result.budget is not None:
+        planned = f", {clock_text(result.expected)} planned" if result.expected is not None else ""
+        used = result.budget_before + timer.elapsed()  # a resumed run: its earlier processes' time too
+        print(f"time: {clock_text(used)} of the {clock_text(result.budget)} budget{planned}")
+
+
+__all__ = ["Callback", "GPUOutOfMemory", "TrainResult", "TrainingDiverged", "new_run_dir", "preflight", "print_outcome",
            "resume_config", "train"]
