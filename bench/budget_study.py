@@ -334,7 +334,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="throughput measurements per size (the fastest is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--real", action="store_true", help="also run lmsprint train --train.budget=B for each budget")
-    p.add_argument("--min-steps", type=int, default=200, help="the planner's batch rule: halve below this many steps")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="the planner's batch rule: halve below this many steps (default: planner.MIN_STEPS)")
     p = sub.add_parser("acceptance")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget", default="2m")
@@ -345,8 +346,13 @@ def main() -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--png", default=None)
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 5, 10, 20])
-    p.add_argument("--min-steps", type=int, default=200, help="the planner's batch rule the picks are for")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="the planner's batch rule the picks are for (default: planner.MIN_STEPS)")
     args = parser.parse_args()
+    if getattr(args, "min_steps", 0) is None:
+        from lmsprint.planner import MIN_STEPS
+
+        args.min_steps = MIN_STEPS
     {"run": cmd_run, "report": cmd_report, "acceptance": cmd_acceptance}[args.command](args)
 
 

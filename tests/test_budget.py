@@ -146,9 +146,9 @@ def test_a_small_corpus_gets_a_smaller_model_not_more_epochs() -> None:
 
 def test_plan_halves_the_batch_for_enough_steps_and_keeps_the_micro_batch_dividing_it() -> None:
     p = make_plan([replace(COST, rows=48)], budget=60.0, spent=0.0, batch_size=48, micro_batch_size=16)
-    # 47 s / 0.5 s = 94 steps of 48 rows; 24 rows: 188 steps (< 200); 12 rows: 376 steps
-    assert (p.batch_size, p.steps) == (12, 376)
-    assert p.micro_batch_size == 4  # gcd(12, 16)
+    # 47 s / 0.5 s = 94 steps of 48 rows; 24 rows: 188 steps, 12 rows: 376 (< MIN_STEPS = 400); 6 rows: 752 steps
+    assert (p.batch_size, p.steps) == (6, 752)
+    assert p.micro_batch_size == 2  # gcd(6, 16)
     assert make_plan([COST], budget=30.0, spent=0.0, batch_size=16).batch_size == 4  # not below MIN_ROWS
 
 

@@ -8,6 +8,7 @@ references are computed once per module.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -223,6 +224,11 @@ def _optimizer_worker(rank: int, world: int, port: int, out: str) -> None:
             results[f"{name}/{layout}"] = _train_params(name, layout)
     if rank == 0:
         torch.save(results, out)
+    # free the models and DTensors that hold the process group before it goes (as train() does): gloo's worker
+    # threads dying with them at exit can abort the process ("terminate called without an active exception")
+    del results
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

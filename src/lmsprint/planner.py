@@ -30,8 +30,10 @@ CHINCHILLA_TOKENS_PER_PARAM = 20.0
 """Hoffmann et al. 2022: compute-optimal training uses about 20 tokens per parameter (their fit, at 70M-16B)."""
 CPU_TOKENS_PER_PARAM = 20.0
 """The ratio the planner uses on a CPU: see docs/budget.md (measured for the tiny recipe on stdlib)."""
-MIN_STEPS = 200
-"""The batch is halved while a plan has fewer steps than this (and more than MIN_ROWS rows)."""
+MIN_STEPS = 400
+"""The batch is halved while a plan has fewer steps than this (and more than MIN_ROWS rows). Measured on 2 CPU
+cores (bench/results/budget-cpu, docs/budget.md): at 1-4 minute budgets, each of five runs halved to reach 400
+steps ended 0.15-0.61 lower than the same model and time halved only to reach 200."""
 MIN_ROWS = 4
 """The smallest global batch (rows) the planner halves to."""
 FEWEST_STEPS = 20

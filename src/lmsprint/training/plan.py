@@ -158,11 +158,11 @@ def plan_run(cfg: RunConfig, *, timer: Timer, progress: bool = True,
     device = D.resolve_device(t.device)
     budget = budget_seconds(t.budget, device)
     data = prepared_data(cfg.data, progress=progress)
+    train_stream = TokenStream(data.train)
+    check_streams(cfg, train_stream, TokenStream(data.val))  # before any candidate is built on data that cannot work
     if timer.elapsed() >= budget:
         raise ConfigError(f"--train.budget={t.budget}: {clock_text(timer.elapsed())} of it went to start-up and data "
                           "preparation before planning; give a longer budget")
-    train_stream = TokenStream(data.train)
-    check_streams(cfg, train_stream, TokenStream(data.val))  # before any candidate is built on data that cannot work
     corpus = int(train_stream.n_tokens)
     sizes = Candidates(cfg, data, device, announce=line)
     target = tokens_per_param(cfg, device)
