@@ -29,7 +29,8 @@ from typing import Literal
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 """Hoffmann et al. 2022: compute-optimal training uses about 20 tokens per parameter (their fit, at 70M-16B)."""
 CPU_TOKENS_PER_PARAM = 20.0
-"""The ratio the planner uses on a CPU: see docs/budget.md (measured for the tiny recipe on stdlib)."""
+"""The ratio the planner uses on a CPU: the best hand-picked size at 1, 2 and 4 minutes on 2 cores trained 9.0,
+21.7 and 47.2 tokens per non-embedding parameter on stdlib (geometric mean 20.9; docs/budget.md)."""
 MIN_STEPS = 400
 """The batch is halved while a plan has fewer steps than this (and more than MIN_ROWS rows). Measured on 2 CPU
 cores (bench/results/budget-cpu, docs/budget.md): at 1-4 minute budgets, each of five runs halved to reach 400
