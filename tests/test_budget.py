@@ -64,8 +64,11 @@ def test_budget_conflicts_are_config_errors() -> None:
 
 
 def test_the_default_run_has_a_budget_unless_a_length_or_recipe_is_given() -> None:
-    assert _budget_default(None, []) == ["--train.budget=auto", "--model.preset=auto"]
-    assert _budget_default(None, ["--model.n_embd=64"]) == ["--train.budget=auto", "--model.n_embd=64"]
+    assert _budget_default(None, []) == ["--train.budget=auto", "--model.preset=auto", "--schedule.name=wsd"]
+    assert _budget_default(None, ["--model.n_embd=64"]) == ["--train.budget=auto", "--schedule.name=wsd",
+                                                            "--model.n_embd=64"]
+    assert _budget_default(None, ["--schedule.name=cosine"]) == ["--train.budget=auto", "--model.preset=auto",
+                                                                 "--schedule.name=cosine"]
     assert _budget_default(None, ["--train.budget=3m"]) == ["--train.budget=3m"]
     assert _budget_default(None, ["--train.steps=100"]) == ["--train.steps=100"]
     assert _budget_default("fast", []) == []

@@ -33,14 +33,16 @@ def _recipe_default(recipe: str | None, overrides: list[str]) -> str | None:
 def _budget_default(recipe: str | None, overrides: list[str]) -> list[str]:
     """No --config and no run length (--train.steps, --train.epochs, --train.budget): the run gets the budget
     sized for the machine (--train.budget=auto) and the planner picks the model size for the corpus (the GPU's
-    fast recipe names one: --model.preset=auto replaces it, unless a --model size flag is given)."""
+    fast recipe names one: --model.preset=auto replaces it, unless a --model size flag is given); its schedule is
+    wsd, the one a budget runs (unless --schedule.name is given: then the plan says it replaced it)."""
     if recipe is not None:
         return overrides
     keys = {o[2:].split("=", 1)[0] for o in overrides if o.startswith("--")}
     if keys & {"train.steps", "train.epochs", "train.budget", "train.stop_at_step"}:
         return overrides
     sized = keys & {"model.preset", "model.n_layer", "model.n_head", "model.n_embd"}
-    return ["--train.budget=auto", *([] if sized else ["--model.preset=auto"]), *overrides]
+    wsd = [] if "schedule.name" in keys else ["--schedule.name=wsd"]
+    return ["--train.budget=auto", *([] if sized else ["--model.preset=auto"]), *wsd, *overrides]
 
 
 def _with_data(args: argparse.Namespace, overrides: list[str]) -> list[str]:
