@@ -51,6 +51,28 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lmsprint"
 
 
+def read_cached_json(name: str) -> dict[str, Any]:
+    """The entries of a JSON file of measurements in the cache (``peak_flops.json``, ``throughput.json``); empty
+    when it is missing or unreadable (it is measured again)."""
+    try:
+        entries = json.loads((cache_root() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def write_cached_json(name: str, entries: dict[str, Any]) -> None:
+    """Replace a cached JSON file atomically; a cache that cannot be written is skipped (it is only a cache)."""
+    path = cache_root() / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 @dataclass
 class Source:
     """A resolved corpus: the files (or one datasets directory) to read, and how .txt files split."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmsprint.data.sources import cache_root
+from lmsprint.data.sources import read_cached_json, write_cached_json
 from lmsprint.errors import ConfigError, LmsprintError
 
 if TYPE_CHECKING:
@@ -251,16 +251,8 @@ def peak_flops(device: torch.device, configured_tflops: float | None = None) -> 
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    cache = cache_root() / "peak_flops.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, json.JSONDecodeError):
-        known = {}
+    known = read_cached_json("peak_flops.json")
     if name not in known:
         known[name] = measure_peak_flops(device)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(known, indent=2))
-        except OSError:
-            pass
+        write_cached_json("peak_flops.json", known)
     return float(known[name])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -24,7 +23,7 @@ import torch
 from lmsprint import distributed as D
 from lmsprint.config import RunConfig
 from lmsprint.data.loader import MicroBatch, StepBatch
-from lmsprint.data.sources import cache_root
+from lmsprint.data.sources import read_cached_json, write_cached_json
 from lmsprint.model import GPT, GPTConfig, build_model
 from lmsprint.optim import build_optimizer
 from lmsprint.planner import Cost
@@ -69,34 +68,23 @@ def cache_key(cfg: RunConfig, gpt: GPTConfig, *, device: torch.device, rows: int
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _cache_path() -> Path:
-    return cache_root() / "throughput.json"
+CACHE = "throughput.json"
 
 
 def cached(key: str) -> Cost | None:
     """A measurement made before, or None."""
     try:
-        entry = json.loads(_cache_path().read_text())[key]
+        entry = read_cached_json(CACHE)[key]
         return Cost(**{k: entry[k] for k in Cost.__dataclass_fields__})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 
 def remember(key: str, cost: Cost, *, what: str) -> None:
-    """Add a measurement to the cache (replaced atomically; a cache that cannot be written is skipped)."""
-    path = _cache_path()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    """Add a measurement to the cache."""
+    known = read_cached_json(CACHE)
     known[key] = {**asdict(cost), "what": what, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_cached_json(CACHE, known)
 
 
 def block_params(gpt: GPTConfig) -> tuple[int, float]:
