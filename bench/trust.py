@@ -388,7 +388,7 @@ def report_warmup(state: dict, png_dir: Path) -> str:
               if k.startswith("optim adamw lr=0.001 ") and rec.get("seed") == 0 and "error" not in rec}
     lines = ["| warm-up (% of the run) | baseline, 1000 steps: warm-up steps | final val loss | small, 300 steps "
              "(AdamW lr 1e-3): warm-up steps | final val loss |", "|---:|---:|---:|---:|---:|"]
-    for pct in WARMUP_PCTS:
+    for pct in sorted(set(WARMUP_PCTS) | set(big) | set(smallw)):
         lines.append(f"| {pct:g} | {warmup_steps(pct, 1000)} | {big[pct]:.4f} | "
                      if pct in big else f"| {pct:g} | {warmup_steps(pct, 1000)} | - | ")
         lines[-1] += (f"{warmup_steps(pct, SMALL_STEPS)} | {smallw[pct]:.4f} |" if pct in smallw else
