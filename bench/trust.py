@@ -15,6 +15,8 @@ a later call on a warm machine skips it, and copied to OUT):
   what it was run at, the grid is widened past that edge (lr x2 or /2, the next warm-up of ``WARMUP_LADDER``) until
   the best is inside it or ``MAX_WIDEN`` steps out; then seeds 1 and 2 at each one's best setting.
 - ``ablation``: ``fast`` with AdamW at AdamW's best setting from ``optim`` in place of Muon, timed to 4.588.
+- ``levers`` (issue 14; not in the default phases): ``fast`` and each of ``LEVERS`` on it, seeds 0 and 1, timed to
+  4.588 in the same call.
 - ``warmup``: the baseline recipe (1000 steps) with warm-ups of 0.1, 0.5, 2, 5, 20 and 30 % (10 % is the bench's
   seed 0; 30 % because 20 % was the best).
 
@@ -203,7 +205,7 @@ def write_bench(s: Session) -> None:
     from lmsprint.reference import NANOGPT
 
     runs = [B.BenchRun(**{k: v for k, v in rec.items() if k != "wall"}) for key, rec in s.state.items()
-            if key.startswith(("bench ", "ablation")) and "error" not in rec]
+            if key.startswith(("bench ", "ablation", "lever ")) and "error" not in rec]
     if not runs:
         return
     target = TARGET if not s.args.smoke else statistics.fmean(r.final_loss for r in runs if r.name == "baseline")
@@ -320,6 +322,36 @@ def do_ablation(s: Session) -> None:
     write_bench(s)
 
 
+# issue 14's levers, each timed to 4.588 against `fast` in the same call: name -> (overrides, Inductor config)
+LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
+    "fast (same call)": ([], {}),
+    "fast + cuDNN attention": (["--train.sdpa_backend=cudnn"], {}),
+    "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
+    "fast, 230 steps": (["--train.steps=230"], {}),
+    "fast, 210 steps": (["--train.steps=210"], {}),
+    "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
+}
+
+
+def do_levers(s: Session) -> None:
+    """Each lever on `fast`, seeds 0 and 1, stopped at the target (its time and tokens to 4.588 are the result)."""
+    from lmsprint import bench as B
+
+    for seed in (0, 1):
+        for name, (extra, inductor) in LEVERS.items():
+
+            def run(name: str = name, extra: list[str] = extra, inductor: dict[str, object] = inductor,
+                    seed: int = seed) -> dict:
+                import torch._inductor.config as inductor_config
+
+                with inductor_config.patch(inductor):
+                    return asdict(B.run_one(name, "fast", seed, overrides=s.overrides(extra), out_dir=RUNS / "levers",
+                                            stop_at=None if s.args.smoke else TARGET))
+
+            s.task(f"lever {name} seed={seed}", 60.0, run)
+    write_bench(s)
+
+
 def do_warmup(s: Session) -> None:
     # most telling first (10 % is the baseline recipe: the bench's seed 0); 30 % since 20 % was the best
     for pct in (2.0, 5.0, 20.0, 0.5, 0.1, 30.0):
@@ -328,7 +360,8 @@ def do_warmup(s: Session) -> None:
                                                        warmup=warmup_args(pct, s.steps(1000)))), "warmup_pct": pct})
 
 
-PHASES = {"prepare": do_prepare, "bench": do_bench, "optim": do_optim, "ablation": do_ablation, "warmup": do_warmup}
+PHASES = {"prepare": do_prepare, "bench": do_bench, "optim": do_optim, "ablation": do_ablation, "warmup": do_warmup,
+          "levers": do_levers}
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -503,7 +536,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run")
     run.add_argument("--out", required=True)
-    run.add_argument("--phases", default=",".join(PHASES))
+    run.add_argument("--phases", default=",".join(k for k in PHASES if k != "levers"))
     run.add_argument("--deadline", type=float, default=560.0, help="start no task that would end after this")
     run.add_argument("--smoke", action="store_true")
     run.add_argument("--fresh", action="store_true", help="ignore the results of earlier calls")

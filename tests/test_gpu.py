@@ -79,3 +79,34 @@ def test_compiled_model_flex_equals_dense() -> None:
     assert abs(ref(idx, tgt, pos=pos, doc_ids=doc).item() - fast(idx, tgt, pos=pos, doc_ids=doc).item()) < 1e-3
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+def test_compiled_model_on_each_sdpa_backend(backend: str) -> None:
+    """The compiled bf16 model with its attention forced onto one SDPA backend gives the loss and gradients of
+    torch's own pick (where the backend runs here; written 2026-12-05, not yet run on the H200)."""
+    from lmsprint.config import ModelConfig
+    from lmsprint.model import GPT, resolve_model_config
+    from lmsprint.model.layers import sdpa_backend_runs
+
+    why = sdpa_backend_runs(backend, device=torch.device("cuda"), dtype=torch.bfloat16, n_head=4, head_dim=64)
+    if why is not None:
+        pytest.skip(f"{backend} does not run here: {why}")
+    mc = ModelConfig(n_layer=2, n_head=4, n_embd=256, mlp="relu2", qk_norm=True, tie_embeddings=False,
+                     logit_softcap=15.0)
+    models = []
+    for name in ("auto", backend):
+        torch.manual_seed(0)
+        m = GPT(resolve_model_config(mc, vocab_size=1000, block_size=512)).cuda()
+        m.init_weights(0)
+        m.set_sdpa_backend(name)
+        m.compile_blocks()
+        models.append(m)
+    idx = torch.randint(0, 1000, (2, 512), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = [m(idx, idx) for m in models]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[0].item() - losses[1].item()) < 2e-2
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-2, rtol=5e-2, msg=name)

@@ -190,3 +190,34 @@ def test_rotary_tables_stay_fp32_when_the_model_is_cast_to_bf16() -> None:
     assert torch.equal(rotary.cos, cos) and torch.equal(rotary.sin, sin)
     x = torch.randint(0, 64, (2, 16))
     assert torch.isfinite(model(x, x)).all()
+
+
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_sdpa_backends_give_the_same_model(backend: str) -> None:
+    """A model whose attention runs on a named SDPA backend computes what torch's own pick computes: logits,
+    loss and gradients, with and without document masks (the backends this CPU has: math, flash)."""
+    from lmsprint.model.layers import sdpa_backend_runs
+
+    assert sdpa_backend_runs(backend, device=torch.device("cpu"), dtype=torch.float32, n_head=2, head_dim=16) is None
+    idx = torch.randint(0, 300, (2, 24))
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    ref, named = build(mlp="relu2", qk_norm=True), build(mlp="relu2", qk_norm=True)
+    named.set_sdpa_backend(backend)
+    assert {b.attn.sdpa_backend for b in named.transformer.h} == {backend}
+    for doc_ids in (None, docs):
+        torch.testing.assert_close(named(idx, doc_ids=doc_ids), ref(idx, doc_ids=doc_ids), rtol=1e-4, atol=1e-5)
+    for m in (ref, named):
+        m.zero_grad()
+        m(idx, idx).backward()
+    for (name, a), b in zip(ref.named_parameters(), named.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sdpa_backend_that_cannot_run_here_is_reported() -> None:
+    """cuDNN and memory-efficient attention do not run on a CPU: the probe says why instead of raising."""
+    from lmsprint.model.layers import sdpa_backend_runs
+
+    for backend in ("cudnn", "efficient"):
+        why = sdpa_backend_runs(backend, device=torch.device("cpu"), dtype=torch.float32, n_head=2, head_dim=16)
+        assert why and "\n" not in why
+    assert sdpa_backend_runs("auto", device=torch.device("cpu"), dtype=torch.float32, n_head=2, head_dim=16) is None

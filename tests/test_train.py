@@ -262,3 +262,21 @@ def test_out_dir_expands_the_home_directory(tmp_path: Path, corpus: Path, monkey
               "--log.plot=false"])
     assert e.value.code == 0
     assert (tmp_path / "home" / "runs" / "r" / "config.toml").exists() and not (tmp_path / "~").exists()
+
+
+def test_sdpa_backend_falls_back_where_it_cannot_run(tmp_path: Path, corpus: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--train.sdpa_backend=cudnn on a CPU: one warning line, and the run trains as with auto (same losses);
+    a backend that runs here (math) is used, silently, with the same losses too."""
+    auto = train(tiny_config(corpus, train__steps=4), run_dir=tmp_path / "auto")
+    capsys.readouterr()
+    cudnn = train(tiny_config(corpus, train__steps=4, train__sdpa_backend="cudnn"), run_dir=tmp_path / "cudnn")
+    err = capsys.readouterr()
+    warned = [x for x in (err.out + err.err).splitlines() if x.startswith("warning:")]
+    assert len(warned) == 1 and warned[0].startswith("warning: --train.sdpa_backend=cudnn cannot run here (")
+    assert warned[0].endswith("; using auto")
+    math_run = train(tiny_config(corpus, train__steps=4, train__sdpa_backend="math"), run_dir=tmp_path / "math")
+    assert "warning:" not in "".join(capsys.readouterr())
+    assert losses(tmp_path / "cudnn") == losses(tmp_path / "auto")
+    assert losses(tmp_path / "math") == pytest.approx(losses(tmp_path / "auto"), abs=1e-4)
+    assert cudnn.val_loss == auto.val_loss and math_run.val_loss == pytest.approx(auto.val_loss, abs=1e-4)

@@ -54,6 +54,11 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std, generator=gen)
 
+    def set_sdpa_backend(self, backend: str) -> None:
+        """Run every attention layer's SDPA on ``backend`` (``auto``: torch's pick; see layers.SDPA_BACKENDS)."""
+        for block in self.transformer.h:
+            block.attn.sdpa_backend = backend
+
     def compile_blocks(self, **kwargs: object) -> None:
         """torch.compile each block and the loss head separately: one block graph is reused by every layer,
         so compile time does not grow with depth."""

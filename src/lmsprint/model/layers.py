@@ -158,9 +158,39 @@ def document_mask(doc_ids: Tensor, *, use_flex: bool) -> object:
     return (same & causal)[:, None]  # (B, 1, T, T)
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+"""``--train.sdpa_backend`` names (besides ``auto``: torch's own pick) -> ``torch.nn.attention.SDPBackend``."""
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs: Any) -> Tensor:
+    """``F.scaled_dot_product_attention``, on one named backend (``auto``: the one torch picks)."""
+    if backend == "auto":
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend])):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def sdpa_backend_runs(backend: str, *, device: torch.device, dtype: torch.dtype, n_head: int, head_dim: int
+                      ) -> str | None:
+    """None when ``backend`` runs causal attention of this shape and dtype here, forward and backward; else why
+    not (the first line of torch's refusal)."""
+    if backend == "auto":
+        return None
+    q = torch.randn(1, n_head, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+    try:
+        sdpa(q, q, q, backend=backend, is_causal=True).sum().backward()
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.sdpa_backend = "auto"  # set by GPT.set_sdpa_backend (a kernel choice, not part of the model)
         self.n_head = cfg.n_head
         self.head_dim = cfg.head_dim
         self.qk_norm = cfg.qk_norm
@@ -184,9 +214,9 @@ class CausalSelfAttention(nn.Module):
             # FlexAttention returns wrong results (tests/test_gpu.py and tests/test_model.py check it)
             y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask)
         elif doc_ids is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = sdpa(q, k, v, backend=self.sdpa_backend, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids, use_flex=False))
+            y = sdpa(q, k, v, backend=self.sdpa_backend, attn_mask=document_mask(doc_ids, use_flex=False))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 

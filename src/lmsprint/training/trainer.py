@@ -21,7 +21,7 @@ from lmsprint.config import RunConfig
 from lmsprint.data.batching import TokenStream
 from lmsprint.data.loader import StepBatch
 from lmsprint.model import GPT, build_model, resolve_model_config
-from lmsprint.model.layers import flex_available
+from lmsprint.model.layers import flex_available, sdpa_backend_runs
 from lmsprint.optim import build_optimizer, describe
 from lmsprint.optim.param_groups import group_settings
 from lmsprint.schedules import LRSchedule, build_schedule
@@ -91,6 +91,7 @@ class Trainer:
         self.model = model = self.build_model()  # unwrapped: what is saved, sampled and exported
         # FlexAttention needs torch.compile to be fast; without it document masks go through SDPA's dense mask
         model.use_flex = self.device.type == "cuda" and t.compile and t.flex_attention and flex_available()
+        model.set_sdpa_backend(self.sdpa_backend(t.sdpa_backend))
         if t.compile:
             # Dynamo's state is per process: earlier runs in it (bench, studies, in-process restarts) would count
             # against its recompile limit, past which it silently runs eager. Each run starts afresh (compiled
@@ -157,6 +158,17 @@ class Trainer:
                                    is_main=is_main, files=files)
         if resume:
             self._resume()
+
+    def sdpa_backend(self, backend: str) -> str:
+        """``backend`` where it runs this model's attention here, else ``auto`` (said once, in one line)."""
+        g = self.gpt_config
+        dtype = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(self.precision,
+                                                                                               torch.float32)
+        why = sdpa_backend_runs(backend, device=self.device, dtype=dtype, n_head=g.n_head, head_dim=g.head_dim)
+        if why is None:
+            return backend
+        self.report.line(f"warning: --train.sdpa_backend={backend} cannot run here ({why}); using auto")
+        return "auto"
 
     def build_model(self) -> GPT:
         """The run's model with its initial weights (the same ones at the start and at a rollback to it)."""
