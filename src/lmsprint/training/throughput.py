@@ -32,9 +32,11 @@ from lmsprint.training.step import clip_gradients, evaluate_loss, forward_backwa
 
 WRITE_BYTES_PER_S = 200e6
 """Checkpoint write speed assumed before a run has timed one of its own (fsynced safetensors + torch.save)."""
-FINISH_S = 2.0
-"""Seconds of the summary, the loss plot and the process's exit, beside the closing sample (1-3.5 s measured on
-this project's 2 loaded CPU cores, matplotlib's import included)."""
+FINISH_S = {"cpu": 2.0, "cuda": 8.0}
+"""Seconds of the summary, the loss plot and the process's exit, beside the closing sample, by device type: 1-3.5 s
+measured on this project's 2 loaded CPU cores (matplotlib's import included); on the H200 (2026-12-05, a 2-minute
+budget) 8.8 s passed from the summary to the process's exit, the sample included (CUDA and compile-worker
+teardown)."""
 SAMPLE_TOKENS = 200
 """Tokens of the sample `lmsprint train` prints at the end (the finish includes generating them)."""
 TIMED_TOKENS = 8
@@ -151,7 +153,8 @@ def measure(cfg: RunConfig, gpt: GPTConfig, *, device: torch.device, rows: int, 
                 if isinstance(v, torch.Tensor))
     best_s = weights / WRITE_BYTES_PER_S
     first_s = max(0.0, first - step_s) + max(0.0, first_eval - eval_one)
-    return Cost(params=params, rows=rows, step_s=step_s, first_s=first_s, finish_s=FINISH_S + sample_s,
+    finish_s = FINISH_S.get(device.type, FINISH_S["cpu"]) + sample_s
+    return Cost(params=params, rows=rows, step_s=step_s, first_s=first_s, finish_s=finish_s,
                 eval_s=math.ceil(eval_rows / micro) * eval_one + best_s, save_s=(weights + state) / WRITE_BYTES_PER_S)
 
 
