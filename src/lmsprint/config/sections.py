@@ -296,8 +296,8 @@ class TrainConfig:
     """Document masks through FlexAttention on compiled CUDA runs (else SDPA with a dense mask)."""
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """The kernel SDPA attention runs on: auto (torch's pick), flash (FlashAttention-2), cudnn (cuDNN attention,
-    Hopper's fastest), efficient (memory-efficient) or math. One that cannot run here falls back to auto, with a
-    warning."""
+    reported faster on Hopper), efficient (memory-efficient) or math. One that cannot run here falls back to auto,
+    with a warning."""
     seed: int = 1337
     """Seed of the initial weights and the data order."""
     eval_every: int = 100
