@@ -490,3 +490,47 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, corpus: 
                        "--dry-run prints the plan of a --train.budget run")
     assert_clean_error(run_cli("train", str(corpus), "--train.budget=5 minutes", *tiny, cwd=tmp_path),
                        "--train.budget must be a duration")
+
+
+def test_a_cached_measurement_the_run_proves_wrong_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A plan's cost off the run's own step time by 2x or more (a measurement made under another load) drops this
+    machine's cached measurements, and only this machine's; nearer than 2x keeps them."""
+    from lmsprint.data.sources import read_cached_json, write_cached_json
+    from lmsprint.training.throughput import CACHE, device_name, forget_if_stale
+
+    monkeypatch.setenv("LMSPRINT_CACHE", str(tmp_path / "cache"))
+    cpu = torch.device("cpu")
+    here, other = f"{device_name(cpu)}: 2x64 rows 16 seq 256", "NVIDIA H200: 2x64 rows 16 seq 256"
+    write_cached_json(CACHE, {"a": {"what": here}, "b": {"what": f"{device_name(cpu)}: 3x96"}, "c": {"what": other}})
+    cost = Cost(params=100, rows=16, step_s=1.0, first_s=0.0, eval_s=0.0, save_s=0.0, finish_s=0.0)
+    # at 4 rows the plan expects 0.25 s a step
+    assert forget_if_stale(cost, rows=4, measured=0.2, device=cpu) is None
+    assert forget_if_stale(cost, rows=4, measured=0.4, device=cpu) is None
+    assert forget_if_stale(cost, rows=4, measured=None, device=cpu) is None
+    assert set(read_cached_json(CACHE)) == {"a", "b", "c"}
+    line = forget_if_stale(cost, rows=4, measured=0.1, device=cpu)
+    assert line is not None and line.startswith("note: a step took 0.1s") and "the 2 throughput" in line
+    assert read_cached_json(CACHE) == {"c": {"what": other}}
+    write_cached_json(CACHE, {"a": {"what": here}})
+    assert forget_if_stale(cost, rows=4, measured=0.6, device=cpu) is not None  # slower than planned too
+    assert read_cached_json(CACHE) == {}
+
+
+def test_a_budgeted_run_slower_than_its_cached_plan_drops_the_cache(tmp_path: Path, corpus: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end: the planned sizes cost a twentieth of what the run's steps take; the run still ends on time,
+    and then says so and empties this machine's part of the throughput cache."""
+    from lmsprint.data.sources import read_cached_json, write_cached_json
+    from lmsprint.training.throughput import CACHE, device_name
+
+    monkeypatch.setenv("LMSPRINT_CACHE", str(tmp_path / "cache"))
+    write_cached_json(CACHE, {"old": {"what": f"{device_name(torch.device('cpu'))}: 2x64 rows 4 seq 32"}})
+    fake_costs(monkeypatch, step_s=0.0025)
+    clock = FakeClock()
+    train(budget_config(corpus, "20s"), run_dir=tmp_path / "run", timer=Timer(started=0.0, clock=clock),
+          callbacks=[Tick(clock, 0.05)])
+    out = capsys.readouterr().out
+    assert clock.t <= 20 and "note: a step took" in out and "next plan measures afresh" in out
+    assert read_cached_json(CACHE) == {}

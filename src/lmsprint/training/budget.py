@@ -181,6 +181,10 @@ class Budget:
             self._paused += dt
             self.costs[kind] = dt
 
+    def step_seconds(self) -> float | None:
+        """The median of the recent steps' times (None before three were timed)."""
+        return statistics.median(self._times) if len(self._times) >= 3 else None
+
     def per_step(self) -> float:
         """Seconds per step: the median of the recent steps plus the evaluations and checkpoints due per step."""
         tau = statistics.median(self._times)

@@ -89,6 +89,30 @@ def remember(key: str, cost: Cost, *, what: str) -> None:
     write_cached_json(CACHE, known)
 
 
+STALE_RATIO = 2.0
+"""A run whose steps take this many times longer (or shorter) than its plan's measurement said drops the cached
+measurements of its machine: they were taken under another load (seen: a plan from measurements made while
+another training job shared the 2 CPU cores, 14x too slow, picked a model 0.3 worse than the best)."""
+
+
+def forget_if_stale(cost: Cost, *, rows: int, measured: float | None, device: torch.device) -> str | None:
+    """After a planned run: if its median step time (``measured``, at ``rows`` rows) is off the plan's ``cost``
+    by STALE_RATIO or more, drop this device's cached measurements, so the next plan measures afresh; returns the
+    line to print then, else None."""
+    if measured is None or measured <= 0 or cost.step_s <= 0:
+        return None
+    expected = cost.per_step(rows, 0)
+    if max(measured / expected, expected / measured) < STALE_RATIO:
+        return None
+    known = read_cached_json(CACHE)
+    prefix = f"{device_name(device)}:"
+    kept = {k: v for k, v in known.items() if not (isinstance(v, dict) and str(v.get("what", "")).startswith(prefix))}
+    write_cached_json(CACHE, kept)
+    dropped = len(known) - len(kept)
+    return (f"note: a step took {measured:.3g}s, the plan's measurement said {expected:.3g}s; the {dropped} throughput "
+            f"measurements cached for {device_name(device)} are dropped and the next plan measures afresh")
+
+
 def block_params(gpt: GPTConfig) -> tuple[int, float]:
     """(N, the non-embedding parameters, and the training FLOPs per token at full length) of a shape, counted on a
     model without storage: the matmul weights but the output head's."""

@@ -46,6 +46,7 @@ from lmsprint.training.rundir import (
 from lmsprint.training.signals import StopSignal
 from lmsprint.training.state import RNGState, TrainState
 from lmsprint.training.step import clip_gradients, evaluate_loss, forward_backward
+from lmsprint.training.throughput import forget_if_stale
 
 
 class Trainer:
@@ -315,6 +316,11 @@ class Trainer:
     def _finish(self, last_loss: float | None) -> TrainResult:
         st, guard, val_loss, best = self.state, self.guard, self.val_loss, self.best
         timing = self.budget.timing() if self.budget is not None else {}
+        if self.budget is not None and self.planned is not None and self.dist.is_main:
+            stale = forget_if_stale(self.planned.cost, rows=self.cfg.train.batch_size,
+                                    measured=self.budget.step_seconds(), device=self.device)
+            if stale is not None:
+                self.report.line(stale)
         self.report.summary(step=st.step, train_loss=last_loss, val_loss=val_loss, train_time=st.train_time,
                             compile_time=self.compile_time, skipped=guard.bad_total, rollbacks=guard.rollbacks,
                             spikes=guard.spikes, tokens=st.tokens_seen, graphs=graphs_compiled() - self._graphs_before,
