@@ -9,6 +9,11 @@ from collections.abc import Callable
 import torch
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls and attention run in under ``precision`` (fp32 for fp32)."""
+    return {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def precision_unsupported(precision: str, device: torch.device) -> str | None:
     """Why ``precision`` cannot run on ``device`` with this torch build, or None when it can.
 
@@ -17,7 +22,7 @@ def precision_unsupported(precision: str, device: torch.device) -> str | None:
     """
     if precision not in ("bf16", "fp16", "bf16-pure"):
         return None
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    dtype = compute_dtype(precision)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if precision in ("bf16", "fp16"):
@@ -53,5 +58,5 @@ def resolve_precision(precision: str, device: torch.device, warn: Callable[[str]
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """torch.autocast for the bf16/fp16 modes; nothing for fp32 and bf16-pure (whose weights are bf16)."""
     if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        return torch.autocast(device.type, dtype=compute_dtype(precision))
     return contextlib.nullcontext()

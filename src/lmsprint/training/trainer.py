@@ -36,7 +36,7 @@ from lmsprint.training.guard import Guard
 from lmsprint.training.memory import GPUOutOfMemory, is_out_of_memory, out_of_memory_error
 from lmsprint.training.metrics import MetricsWindow, Stopwatch, graphs_compiled, peak_flops
 from lmsprint.training.plan import PlannedRun, epochs_warning
-from lmsprint.training.precision import resolve_precision
+from lmsprint.training.precision import compute_dtype, resolve_precision
 from lmsprint.training.report import Report, main_lr
 from lmsprint.training.rundir import (
     open_data,
@@ -163,9 +163,8 @@ class Trainer:
     def sdpa_backend(self, backend: str) -> str:
         """``backend`` where it runs this model's attention here, else ``auto`` (said once, in one line)."""
         g = self.gpt_config
-        dtype = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(self.precision,
-                                                                                               torch.float32)
-        why = sdpa_backend_runs(backend, device=self.device, dtype=dtype, n_head=g.n_head, head_dim=g.head_dim)
+        why = sdpa_backend_runs(backend, device=self.device, dtype=compute_dtype(self.precision), n_head=g.n_head,
+                                head_dim=g.head_dim)
         if why is None:
             return backend
         self.report.line(f"warning: --train.sdpa_backend={backend} cannot run here ({why}); using auto")
