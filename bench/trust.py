@@ -333,6 +333,7 @@ LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast, batch 32 x 460 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=460"], {}),
     "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
     "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
+    "fast + compiled Muon": (["--optim.impl=compiled"], {}),
     "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
 }
 LEVER_SEEDS = (0, 1)

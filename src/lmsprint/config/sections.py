@@ -172,8 +172,9 @@ class OptimConfig:
     """fixed: use weight_decay as given; horizon: set it so 1/(lr*wd) = wd_horizon x total steps."""
     wd_horizon: float = 0.1
     """horizon mode: the AdamW averaging timescale tau_iter = 1/(lr*wd) as a fraction of total steps."""
-    impl: Literal["auto", "for", "foreach", "fused"] = "auto"
-    """Kernel path: per-tensor loop, foreach (multi-tensor) or fused; auto picks the fastest available."""
+    impl: Literal["auto", "for", "foreach", "fused", "compiled"] = "auto"
+    """Kernel path: per-tensor loop, foreach (multi-tensor) or fused; auto picks the fastest available. compiled
+    (muon only): matrices of one shape batched, the Newton-Schulz iteration torch.compiled on CUDA (else as auto)."""
     momentum: float = 0.95
     """muon: momentum coefficient."""
     nesterov: bool = True

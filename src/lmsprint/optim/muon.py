@@ -50,6 +50,7 @@ from lmsprint.optim.spread import local, map_matrices, spread_over_ranks
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 AdjustLr = Literal["original", "match_rms_adamw"]
+MuonImpl = Literal[Impl, "compiled"]
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16,
@@ -123,14 +124,27 @@ def muon_for_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, 
         p.add_(update.to(p.dtype), alpha=-lr)
 
 
+_compiled_ns: Callable[..., Tensor] | None = None
+
+
+def compiled_newtonschulz5() -> Callable[..., Tensor]:
+    """:func:`zeropower_via_newtonschulz5` through torch.compile (built once per process; one graph per shape)."""
+    global _compiled_ns
+    if _compiled_ns is None:
+        _compiled_ns = torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True)
+    return _compiled_ns
+
+
 def muon_batched_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float, weight_decay: float,
                   momentum: float, nesterov: bool, ns_steps: int, ns_dtype: torch.dtype,
-                  adjust_lr_fn: AdjustLr) -> None:
-    """The same step for matrices of ONE shape: foreach momentum and one batched Newton-Schulz iteration."""
+                  adjust_lr_fn: AdjustLr, compiled: bool = False) -> None:
+    """The same step for matrices of ONE shape: foreach momentum and one batched Newton-Schulz iteration
+    (``compiled``: the iteration through torch.compile, its matmuls and elementwise steps fused by Inductor)."""
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
     stacked = torch.stack(updates).flatten(2)  # (n, rows, cols)
-    ortho = zeropower_via_newtonschulz5(stacked, ns_steps, dtype=ns_dtype)
+    ns = compiled_newtonschulz5() if compiled else zeropower_via_newtonschulz5
+    ortho = ns(stacked, ns_steps, dtype=ns_dtype)
     ortho = (ortho * muon_scale(stacked.size(1), stacked.size(2), adjust_lr_fn)).to(params[0].dtype)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -154,7 +168,8 @@ def muon_group_step(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], 
                     ns_dtype: torch.dtype | None, data_parallel: bool = False) -> None:
     """Update one group of matrices with Muon: lazy state, float32 maths for low-precision params.
 
-    ``impl="for"`` orthogonalises matrix by matrix; anything else batches matrices of equal shape.
+    ``impl="for"`` orthogonalises matrix by matrix; anything else batches matrices of equal shape (``compiled``:
+    with the Newton-Schulz iteration compiled, on CUDA; elsewhere it is the batched eager path).
     The momentum at a parameter's ``k``-th step (0-based) is ``muon_momentum(k, ...)``. FSDP2 shards, and
     whole tensors with ``data_parallel`` on several ranks, go to :func:`muon_group_step_distributed`.
     """
@@ -171,12 +186,13 @@ def muon_group_step(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], 
         st["step"] += 1
     for (device, _, _, step), ps in buckets.items():
         works, grads = zip(*(compute_view(p) for p in ps))
+        compiled = {"compiled": impl == "compiled" and device.type == "cuda"} if impl != "for" else {}
         path = muon_for_ if impl == "for" else muon_batched_
         path(list(works), list(grads), [state[p]["momentum_buffer"] for p in ps], lr=group["lr"],
              weight_decay=group["weight_decay"],
              momentum=muon_momentum(step, momentum=group["momentum"], warmup=group["momentum_warmup"]),
              nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-             ns_dtype=ns_dtype or default_ns_dtype(device), adjust_lr_fn=group["adjust_lr_fn"])
+             ns_dtype=ns_dtype or default_ns_dtype(device), adjust_lr_fn=group["adjust_lr_fn"], **compiled)
         write_back(ps, works)
 
 
@@ -271,18 +287,19 @@ class Muon(Fp32StateOptimizer):
         weight_decay: Decoupled decay ``p *= 1 - lr * weight_decay``.
         momentum_warmup: Steps over which momentum rises from 0.85 to ``momentum`` (0 = off).
         adjust_lr_fn: Update scale: ``original`` (reference) or ``match_rms_adamw``.
-        impl: ``for`` (matrix by matrix) or ``foreach``/``fused``/``auto`` (matrices of one shape batched).
+        impl: ``for`` (matrix by matrix), ``foreach``/``fused``/``auto`` (matrices of one shape batched) or
+            ``compiled`` (batched, the Newton-Schulz iteration torch.compiled on CUDA).
         ns_dtype: Dtype of the Newton-Schulz iteration; None = bfloat16 on CUDA, float32 elsewhere.
         data_parallel: Every rank of the process group holds the same gradients (DDP): each matrix is then
             orthogonalised on one rank and the updates exchanged. FSDP2 (DTensor) parameters always are.
     """
 
     _attrs = ("impl", "ns_dtype", "data_parallel")
-    impls = AdamW.impls
+    impls = (*AdamW.impls, "compiled")
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, momentum_warmup: int = 0,
-                 adjust_lr_fn: AdjustLr = "original", *, impl: Impl = "auto",
+                 adjust_lr_fn: AdjustLr = "original", *, impl: MuonImpl = "auto",
                  ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         momentum_warmup=momentum_warmup, adjust_lr_fn=adjust_lr_fn)
@@ -322,9 +339,9 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
     """
 
     _attrs = ("impl", "ns_dtype", "data_parallel")
-    impls = AdamW.impls
+    impls = (*AdamW.impls, "compiled")
 
-    def __init__(self, param_groups: Iterable[dict[str, Any]], *, impl: Impl = "auto",
+    def __init__(self, param_groups: Iterable[dict[str, Any]], *, impl: MuonImpl = "auto",
                  ns_dtype: torch.dtype | None = None, data_parallel: bool = False) -> None:
         self.ns_dtype, self.data_parallel = ns_dtype, data_parallel
         # "momentum" in the defaults is what lets OneCycleLR/CyclicLR (cycle_momentum=True) cycle the Muon groups'
@@ -363,7 +380,7 @@ class MuonWithAuxAdamW(Fp32StateOptimizer):
         if group["use_muon"]:
             muon_group_step(self.state, group, self.impl, self.ns_dtype, self.data_parallel)
         else:
-            adamw_group_step(self.state, group, self.impl)
+            adamw_group_step(self.state, group, "auto" if self.impl == "compiled" else self.impl)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
