@@ -313,3 +313,17 @@ def test_a_checkpoint_from_before_these_options_resumes(tmp_path: Path, corpus: 
     (path / "meta.json").write_text(json.dumps(meta))
     resumed = train(tiny_config(corpus, train__steps=6, train__ckpt_every=3), run_dir=run, resume=True)
     assert resumed.step == 6 and resumed.val_loss == straight.val_loss
+
+
+def test_the_budget_planner_picks_only_sizes_deep_enough_for_the_value_embeddings(corpus: Path) -> None:
+    from types import SimpleNamespace
+
+    from lmsprint.model.presets import ladder
+    from lmsprint.training.plan import Candidates
+
+    cfg = tiny_config(corpus, train__budget="1m", model__preset="auto", model__n_layer="none", model__n_head="none",
+                      model__n_embd="none", model__value_embeds=2)
+    data = SimpleNamespace(val=[], tokenizer=SimpleNamespace(vocab_size=257))
+    shapes = Candidates(cfg, data, torch.device("cpu"), announce=print).shapes
+    assert min(s.n_layer for s in ladder()) < 4  # the ladder has sizes too shallow for 2 value embeddings
+    assert shapes == [s for s in ladder() if s.n_layer >= 4]
