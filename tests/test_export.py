@@ -261,12 +261,12 @@ def test_every_shipped_recipe_exports(recipe: str) -> None:
 def test_an_option_the_export_does_not_implement_is_refused_by_name() -> None:
     """An architecture option added to the model later (here a made-up one) exports at its default, and is
     refused by name when set, until the modeling file implements it."""
-    NewConfig = dataclasses.make_dataclass("NewConfig", [("value_embeds", bool, False)], bases=(GPTConfig,),
+    NewConfig = dataclasses.make_dataclass("NewConfig", [("made_up_option", bool, False)], bases=(GPTConfig,),
                                            frozen=True)
     assert architecture(NewConfig(**BASE)) == "llama"
-    with pytest.raises(LmsprintError, match=r"^--model\.value_embeds=true cannot be exported yet: .*"
-                                            r"train with --model\.value_embeds=false to export$"):
-        architecture(NewConfig(**BASE, value_embeds=True))
+    with pytest.raises(LmsprintError, match=r"^--model\.made_up_option=true cannot be exported yet: .*"
+                                            r"train with --model\.made_up_option=false to export$"):
+        architecture(NewConfig(**BASE, made_up_option=True))
 
 
 def test_the_modeling_file_takes_every_exported_option() -> None:

@@ -46,6 +46,16 @@ class ModelConfig:
     """Initialise residual output projections to zero instead of init_std / sqrt(2 n_layer)."""
     vocab_multiple: int = 64
     """Pad the vocabulary (embedding rows) to a multiple of this, for tensor-core friendly matmuls."""
+    value_embeds: int = 0
+    """Value embeddings (modded-nanogpt): K token-embedding tables whose rows are mixed into the attention values
+    of the first K and the last K layers (table i in layers i and n_layer-K+i), v = l0 v + l1 ve with two learned
+    scalars per layer; needs 2K <= n_layer (0 = off)."""
+    unet_skips: bool = False
+    """U-net skip connections (modded-nanogpt): the output of each of the first n_layer/2 blocks is added, times a
+    learned weight, to the input of its mirror among the last n_layer/2 blocks (last saved first)."""
+    smear: bool = False
+    """Token smearing (modded-nanogpt): each token's embedding gets a learned, gated share of the previous token's
+    (never across a document boundary with --data.doc_mask)."""
 
     def check(self) -> None:
         """Sizes and options in range (the shape a preset makes is checked by :func:`lmsprint.model.model_shape`)."""
@@ -57,6 +67,7 @@ class ModelConfig:
         require(self.init_std > 0, f"--model.init_std must be > 0, got {self.init_std}")
         require(self.vocab_multiple >= 1, f"--model.vocab_multiple must be >= 1, got {self.vocab_multiple}")
         require(self.rope_base > 0, f"--model.rope_base must be > 0, got {self.rope_base}")
+        require(self.value_embeds >= 0, f"--model.value_embeds must be >= 0 (0 = off), got {self.value_embeds}")
 
 
 @dataclass

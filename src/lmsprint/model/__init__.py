@@ -40,6 +40,13 @@ def model_shape(cfg: ModelConfig) -> dict[str, int]:
                           "is a multiple of the number of heads")
     if cfg.pos_emb == "rope" and (n_embd // n_head) % 2 != 0:
         raise ConfigError(f"rotary embeddings need an even head size, got {n_embd // n_head}; change n_head")
+    if 2 * cfg.value_embeds > n_layer:
+        raise ConfigError(f"--model.value_embeds={cfg.value_embeds} needs {2 * cfg.value_embeds} layers (the first "
+                          f"and the last {cfg.value_embeds} use them), the model has {n_layer}; lower it to "
+                          f"--model.value_embeds={n_layer // 2} or add layers with --model.n_layer")
+    if cfg.unet_skips and n_layer < 2:
+        raise ConfigError(f"--model.unet_skips needs at least 2 layers, the model has {n_layer}; add layers with "
+                          "--model.n_layer or set --model.unet_skips=false")
     if cfg.mlp_hidden is not None:
         hidden = cfg.mlp_hidden
     elif cfg.mlp == "swiglu":

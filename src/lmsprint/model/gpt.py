@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmsprint.model.layers import Block, GPTConfig, Norm, document_mask
+from lmsprint.model.layers import SMEAR_GATE_DIM, Block, GPTConfig, Norm, document_mask, smear
 
 IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
+SCALAR_INITS = {"ve_lambdas": 0.5, "skip_weights": 1.0, "smear_gate": 0.0, "smear_lambda": 0.0}
+"""Initial values of the learned scalars, by parameter name (every other 1-D tensor is a norm gain: 1)."""
 
 
 class GPT(nn.Module):
@@ -26,26 +28,40 @@ class GPT(nn.Module):
         modules: dict[str, nn.Module] = {"wte": nn.Embedding(cfg.padded_vocab, cfg.n_embd)}
         if cfg.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
-        modules["h"] = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        if cfg.value_embeds:
+            # one table of K chunks of width C: chunk i feeds layers i and n_layer - K + i (value_embed_index)
+            modules["value_embed"] = nn.Embedding(cfg.padded_vocab, cfg.value_embeds * cfg.n_embd)
+        modules["h"] = nn.ModuleList(Block(cfg, value_embed=cfg.value_embed_index(i) is not None)
+                                     for i in range(cfg.n_layer))
         modules["ln_f"] = Norm(cfg.n_embd, cfg.norm)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # U-net: the outputs of the first n_layer // 2 blocks, weighted, go into the last n_layer // 2
+        self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
+        if cfg.smear:
+            self.smear_gate = nn.Parameter(torch.empty(min(SMEAR_GATE_DIM, cfg.n_embd)))
+            self.smear_lambda = nn.Parameter(torch.empty(1))
         self._head_fn: Callable[..., Tensor] = self._head
+        self._smear_fn: Callable[..., Tensor] = smear
         # document masks through FlexAttention (the trainer turns this on for compiled CUDA runs); else SDPA
         # with a dense mask
         self.use_flex = False
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """GPT-2 init: N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 n_layer)."""
+        """GPT-2 init: N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 n_layer);
+        norm gains 1, the learned scalars as SCALAR_INITS says.
+
+        The value-embedding table is drawn last, so that turning it on leaves every other weight as it was."""
         cfg = self.config
         gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         proj_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        for name, p in self.named_parameters():
+        named = sorted(self.named_parameters(), key=lambda item: item[0] == "transformer.value_embed.weight")
+        for name, p in named:  # a stable sort: the registration order, the value-embedding table moved last
             if p.ndim < 2:
-                nn.init.ones_(p)  # norm gains
+                nn.init.constant_(p, SCALAR_INITS.get(name.rsplit(".", 1)[-1], 1.0))
             elif name.endswith("c_proj.weight"):
                 if cfg.zero_init_proj:
                     nn.init.zeros_(p)
@@ -65,6 +81,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.compile(**kwargs)
         self._head_fn = torch.compile(self._head, **kwargs)
+        if self.config.smear:
+            self._smear_fn = torch.compile(smear, **kwargs)
 
     def num_params(self, *, matmul_only: bool = False) -> int:
         """All parameters (tied ones once), or only those that take part in matmuls (FLOP counting)."""
@@ -113,15 +131,26 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.block_size} positions")
+        cfg = self.config
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+        if cfg.smear:
+            x = self._smear_fn(x, self.smear_gate, self.smear_lambda, doc_ids)
         # The BlockMask is built here, once per forward and outside the compiled blocks: built inside a
         # compiled region, torch 2.11's inductor fused it into the attention kernel and got it wrong on CUDA
         # (tests/test_gpu.py checks both ways against SDPA with a dense mask).
         block_mask = document_mask(doc_ids, use_flex=True) if doc_ids is not None and self.use_flex else None
-        for block in self.transformer.h:
-            x = block(x, pos, doc_ids, block_mask)
+        ves = self.transformer.value_embed(idx).chunk(cfg.value_embeds, dim=-1) if cfg.value_embeds else ()
+        skips: list[Tensor] = []  # U-net: the first half's outputs, added back last-saved-first
+        n_skip = len(self.skip_weights) if self.skip_weights is not None else 0
+        for i, block in enumerate(self.transformer.h):
+            if n_skip and i >= cfg.n_layer - n_skip:  # odd n_layer: the middle block gets none
+                x = x + self.skip_weights[i - (cfg.n_layer - n_skip)] * skips.pop()
+            k = cfg.value_embed_index(i)
+            x = block(x, pos, doc_ids, block_mask, ves[k] if k is not None else None)
+            if i < n_skip:
+                skips.append(x)
         if targets is None:
             return self._logits(x)[..., : self.config.vocab_size]
         return self._head_fn(x, targets, reduction)

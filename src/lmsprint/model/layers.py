@@ -30,6 +30,9 @@ class GPTConfig:
     init_std: float = 0.02
     zero_init_proj: bool = False
     vocab_multiple: int = 64
+    value_embeds: int = 0  # K value-embedding tables, shared by the first K and the last K layers (0 = off)
+    unet_skips: bool = False  # U-net skips: first half's outputs added back into the second half
+    smear: bool = False  # each token's embedding gets a gated share of the previous token's
 
     @property
     def padded_vocab(self) -> int:
@@ -39,6 +42,16 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def value_embed_index(self, layer: int) -> int | None:
+        """Which of the ``value_embeds`` tables layer ``layer`` adds to its values (the first K layers use tables
+        0..K-1, the last K layers the same again), or None."""
+        k, n = self.value_embeds, self.n_layer
+        if layer < k:
+            return layer
+        if layer >= n - k:
+            return layer - (n - k)
+        return None
 
 
 class Norm(nn.Module):
@@ -188,7 +201,7 @@ def sdpa_backend_runs(backend: str, *, device: torch.device, dtype: torch.dtype,
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, *, value_embed: bool = False) -> None:
         super().__init__()
         self.sdpa_backend = "auto"  # set by GPT.set_sdpa_backend (a kernel choice, not part of the model)
         self.n_head = cfg.n_head
@@ -197,11 +210,19 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_base) if cfg.pos_emb == "rope" else None
+        # value embeddings (modded-nanogpt): v = lam0 * v + lam1 * ve, both learned (GPT.init_weights: 0.5, 0.5)
+        self.ve_lambdas = nn.Parameter(torch.empty(2)) if value_embed else None
 
-    def forward(self, x: Tensor, pos: Tensor | None, doc_ids: Tensor | None, block_mask: object | None = None
-                ) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | None, doc_ids: Tensor | None, block_mask: object | None = None,
+                ve: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hd)
+        if self.ve_lambdas is not None:
+            if ve is None:
+                raise ValueError("this attention layer mixes value embeddings into its values: pass ve (B, T, C)")
+            lam = self.ve_lambdas
+            # the sum in the wider dtype (fp32 tables under autocast), back to the values' dtype for attention
+            v = (lam[0] * v + lam[1] * ve.view(B, T, self.n_head, self.head_dim)).type_as(v)  # (B, T, nh, hd)
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if self.rotary is not None:
@@ -219,6 +240,28 @@ class CausalSelfAttention(nn.Module):
             y = sdpa(q, k, v, backend=self.sdpa_backend, attn_mask=document_mask(doc_ids, use_flex=False))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
+
+
+SMEAR_GATE_DIM = 12  # modded-nanogpt's: the gate reads the first 12 channels of the token's embedding
+
+
+def smear(x: Tensor, gate: Tensor, lam: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    """Token smearing (modded-nanogpt, 2025): ``x[t] + lam * sigmoid(x[t, :g] . gate) * x[t-1]`` for t >= 1.
+
+    Each position gets a learned, input-gated share of the previous position's embedding. With ``doc_ids``
+    (B, T) the gate is zero where a new document starts, so nothing crosses a document boundary; without them
+    the rows are one stream (plain packed causal attention mixes across documents as well).
+
+    Args:
+        x: (B, T, C) embeddings.
+        gate: (g,) gate weights, g <= C (the first g channels are read).
+        lam: (1,) the smearing strength (0: the identity).
+        doc_ids: (B, T) non-decreasing sequence ids, or None.
+    """
+    g = lam * torch.sigmoid(x[:, 1:, : gate.numel()] @ gate)  # (B, T-1)
+    if doc_ids is not None:
+        g = g * (doc_ids[:, 1:] == doc_ids[:, :-1])
+    return torch.cat((x[:, :1], x[:, 1:] + g[..., None] * x[:, :-1]), dim=1)  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -243,16 +286,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    With ``value_embed`` its attention mixes a value embedding (``ve``, (B, T, C), given to ``forward``) into the
+    values."""
+
+    def __init__(self, cfg: GPTConfig, *, value_embed: bool = False) -> None:
         super().__init__()
         self.ln_1 = Norm(cfg.n_embd, cfg.norm)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, value_embed=value_embed)
         self.ln_2 = Norm(cfg.n_embd, cfg.norm)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, pos: Tensor | None = None, doc_ids: Tensor | None = None,
-                block_mask: object | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, doc_ids, block_mask)
+                block_mask: object | None = None, ve: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, doc_ids, block_mask, ve)
         return x + self.mlp(self.ln_2(x))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Collection
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,7 +117,8 @@ class Checkpointer:
             The checkpoint's saved state, for the parts a caller restores in its own way.
         """
         meta, weights, state = ckpt.load_checkpoint(path)
-        if meta["model_config"] != asdict(self.model_config):
+        # compared as GPTConfig: a checkpoint written before an architecture option existed has its default
+        if GPTConfig(**meta["model_config"]) != self.model_config:
             raise CheckpointError(f"checkpoint {path} holds a different model shape than the run's config; resume "
                                   "with the settings the run was started with")
         other = self._other_optimizer(state)

@@ -99,7 +99,8 @@ class Candidates:
 
     def __init__(self, cfg: RunConfig, data: Any, device: torch.device, *, announce: Callable[[str], None]) -> None:
         self.cfg, self.data, self.device, self.announce = cfg, data, device, announce
-        self.shapes = ladder() if picks_size(cfg) else [None]
+        # sizes too shallow for the value embeddings asked for are no candidates (model_shape would refuse them)
+        self.shapes = [s for s in ladder() if s.n_layer >= 2 * cfg.model.value_embeds] if picks_size(cfg) else [None]
         self.eager_search = cfg.train.compile and len(self.shapes) > 1
         self.search_cfg = cfg
         if self.eager_search:
