@@ -247,6 +247,8 @@ MORE_CASES = [
     Case("width-not-divisible-by-heads", ("train", "corpus.jsonl", *TINY, "--model.n_embd=30", "--model.n_head=4"),
          "--model.n_embd=30 is not divisible by --model.n_head=4", _copy("corpus.jsonl")),
     Case("invalid-boolean", ("train", "c.jsonl", *TINY, "--train.compile=maybe"), "expected true or false"),
+    Case("fp8-head-not-a-boolean", ("train", "c.jsonl", *TINY, "--train.fp8_head=e4m3"),
+         "--train.fp8_head: expected true or false, got 'e4m3'"),
     Case("toml-unknown-section", ("train", "c.jsonl", "--config", "r.toml"), "unknown section [bogus]",
          _write("r.toml", "[bogus]\nx = 1\n")),
     Case("toml-wrong-type", ("train", "c.jsonl", "--config", "r.toml"), "--train.steps: expected an integer",
