@@ -128,8 +128,9 @@ def fp8_supported(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return f"FP8 matmuls need compute capability 8.9 or newer (Ada, Hopper), this GPU has {major}.{minor}"
-    x = torch.randn(32, 64, device=device, requires_grad=True)
-    w = torch.randn(48, 64, device=device, requires_grad=True)
+    gen = torch.Generator(device=device).manual_seed(0)  # the global RNG stream stays the run's
+    x = torch.randn(32, 64, device=device, generator=gen).requires_grad_()
+    w = torch.randn(48, 64, device=device, generator=gen).requires_grad_()
     try:
         fp8_linear(x, w).float().square().sum().backward()
     except RuntimeError as e:
