@@ -251,6 +251,8 @@ MORE_CASES = [
     Case("unet-skips-in-one-layer", ("train", "corpus.jsonl", *TINY, "--model.unet_skips=true"),
          "--model.unet_skips needs at least 2 layers", _copy("corpus.jsonl")),
     Case("invalid-boolean", ("train", "c.jsonl", *TINY, "--train.compile=maybe"), "expected true or false"),
+    Case("fp8-head-not-a-boolean", ("train", "c.jsonl", *TINY, "--train.fp8_head=e4m3"),
+         "--train.fp8_head: expected true or false, got 'e4m3'"),
     Case("toml-unknown-section", ("train", "c.jsonl", "--config", "r.toml"), "unknown section [bogus]",
          _write("r.toml", "[bogus]\nx = 1\n")),
     Case("toml-wrong-type", ("train", "c.jsonl", "--config", "r.toml"), "--train.steps: expected an integer",

@@ -64,6 +64,7 @@ def test_cli_takes_the_spaced_spelling_without_a_corpus(capsys: pytest.CaptureFi
         (["--optim.lr=0"], "--optim.lr must be a positive number"),
         (["--train.steps=2.5"], "--train.steps: expected an integer"),
         (["--train.compile=maybe"], "expected true or false"),
+        (["--train.fp8_head=fast"], "--train.fp8_head: expected true or false, got 'fast'"),
         (["--data.batching=zigzag"], "is not one of pack, pad, bucket, best-fit"),
         (["--train.nonsense=1"], "unknown config key 'train.nonsense'"),
         (["--bogus.key=1"], "unknown config key 'bogus.key'"),

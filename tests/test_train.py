@@ -280,3 +280,17 @@ def test_sdpa_backend_falls_back_where_it_cannot_run(tmp_path: Path, corpus: Pat
     assert losses(tmp_path / "cudnn") == losses(tmp_path / "auto")
     assert losses(tmp_path / "math") == pytest.approx(losses(tmp_path / "auto"), abs=1e-4)
     assert cudnn.val_loss == auto.val_loss and math_run.val_loss == pytest.approx(auto.val_loss, abs=1e-4)
+
+
+def test_fp8_head_falls_back_on_a_cpu(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--train.fp8_head=true on a CPU: one warning line, and the run trains with the regular head -- the same
+    losses as --train.fp8_head=false, step for step."""
+    off = train(tiny_config(corpus, train__steps=4), run_dir=tmp_path / "off")
+    assert "warning:" not in "".join(capsys.readouterr())
+    on = train(tiny_config(corpus, train__steps=4, train__fp8_head=True), run_dir=tmp_path / "on")
+    err = capsys.readouterr()
+    warned = [x for x in (err.out + err.err).splitlines() if x.startswith("warning:")]
+    assert warned == ["warning: --train.fp8_head=true cannot run here (FP8 matmuls need a CUDA GPU, this is cpu); "
+                      "using the regular matmul"]
+    assert losses(tmp_path / "on") == losses(tmp_path / "off") and len(losses(tmp_path / "on")) == 4
+    assert on.val_loss == off.val_loss

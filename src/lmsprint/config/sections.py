@@ -310,6 +310,10 @@ class TrainConfig:
     """The kernel SDPA attention runs on: auto (torch's pick), flash (FlashAttention-2), cudnn (cuDNN attention,
     reported faster on Hopper), efficient (memory-efficient) or math. One that cannot run here falls back to auto,
     with a warning."""
+    fp8_head: bool = False
+    """Run the output head's matmul in FP8 while training (e4m3 forward, e5m2 gradients, dynamic per-tensor
+    scales; evaluation and generation stay in bf16). Needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper);
+    elsewhere the head keeps its regular matmul, with a warning."""
     seed: int = 1337
     """Seed of the initial weights and the data order."""
     eval_every: int = 100

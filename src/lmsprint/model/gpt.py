@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmsprint.model.fp8 import fp8_linear
 from lmsprint.model.layers import SMEAR_GATE_DIM, Block, GPTConfig, Norm, document_mask, smear
 
 IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
@@ -48,6 +49,7 @@ class GPT(nn.Module):
         # document masks through FlexAttention (the trainer turns this on for compiled CUDA runs); else SDPA
         # with a dense mask
         self.use_flex = False
+        self.fp8_head = False  # set by GPT.set_fp8_head (a kernel choice, not part of the model)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -75,6 +77,11 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.sdpa_backend = backend
 
+    def set_fp8_head(self, enabled: bool) -> None:
+        """Run the output head's matmul in FP8 (model/fp8.py) in training forward and backward; evaluation and
+        generation keep the regular matmul. The caller checks that it runs here (``fp8.fp8_linear_runs``)."""
+        self.fp8_head = enabled
+
     def compile_blocks(self, **kwargs: object) -> None:
         """torch.compile each block and the loss head separately: one block graph is reused by every layer,
         so compile time does not grow with depth."""
@@ -99,12 +106,13 @@ class GPT(nn.Module):
         return 6 * self.num_params(matmul_only=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     def _head(self, x: Tensor, targets: Tensor, reduction: str) -> Tensor:
-        logits = self._logits(x)
+        logits = self._logits(x, fp8=self.fp8_head and self.training)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
 
-    def _logits(self, x: Tensor) -> Tensor:
-        logits = self.lm_head(self.transformer.ln_f(x)).float()
+    def _logits(self, x: Tensor, *, fp8: bool = False) -> Tensor:
+        x = self.transformer.ln_f(x)
+        logits = (fp8_linear(x, self.lm_head.weight) if fp8 else self.lm_head(x)).float()
         cap = self.config.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)

@@ -21,6 +21,7 @@ from lmsprint.config import RunConfig
 from lmsprint.data.batching import TokenStream
 from lmsprint.data.loader import StepBatch
 from lmsprint.model import GPT, build_model, resolve_model_config
+from lmsprint.model.fp8 import fp8_linear_runs
 from lmsprint.model.layers import flex_available, sdpa_backend_runs
 from lmsprint.optim import build_optimizer, describe
 from lmsprint.optim.param_groups import group_settings
@@ -93,6 +94,7 @@ class Trainer:
         # FlexAttention needs torch.compile to be fast; without it document masks go through SDPA's dense mask
         model.use_flex = self.device.type == "cuda" and t.compile and t.flex_attention and flex_available()
         model.set_sdpa_backend(self.sdpa_backend(t.sdpa_backend))
+        model.set_fp8_head(t.fp8_head and self.fp8_head_runs())
         if t.compile:
             # Dynamo's state is per process: earlier runs in it (bench, studies, in-process restarts) would count
             # against its recompile limit, past which it silently runs eager. Each run starts afresh (compiled
@@ -169,6 +171,13 @@ class Trainer:
             return backend
         self.report.line(f"warning: --train.sdpa_backend={backend} cannot run here ({why}); using auto")
         return "auto"
+
+    def fp8_head_runs(self) -> bool:
+        """Whether the FP8 head (``--train.fp8_head``) runs here; if not, says so once, in one line."""
+        why = fp8_linear_runs(self.device, self.gpt_config.n_embd, self.gpt_config.padded_vocab)
+        if why is not None:
+            self.report.line(f"warning: --train.fp8_head=true cannot run here ({why}); using the regular matmul")
+        return why is None
 
     def build_model(self) -> GPT:
         """The run's model with its initial weights (the same ones at the start and at a rollback to it)."""
