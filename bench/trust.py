@@ -327,13 +327,18 @@ def do_ablation(s: Session) -> None:
 LEVER_EVAL = ["--train.eval_every=10"]
 LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast (same call)": ([], {}),
+    "fast + value embeddings (3)": (["--model.value_embeds=3"], {}),
+    "fast + U-net skips": (["--model.unet_skips=true"], {}),
+    "fast + smear": (["--model.smear=true"], {}),
     "fast + cuDNN attention": (["--train.sdpa_backend=cudnn"], {}),
-    "fast, 230 steps": (["--train.steps=230"], {}),
-    "fast, 210 steps": (["--train.steps=210"], {}),
-    "fast, batch 32 x 460 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=460"], {}),
-    "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
-    "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
+    "fast + FP8 head": (["--train.fp8_head=true"], {}),
     "fast + compiled Muon": (["--optim.impl=compiled"], {}),
+    "fast, 230 steps": (["--train.steps=230"], {}),
+    "fast, batch 32 x 460 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=460"], {}),
+    "fast, 8 layers": (["--model.n_layer=8"], {}),
+    "fast, 210 steps": (["--train.steps=210"], {}),
+    "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
+    "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
     "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
 }
 LEVER_SEEDS = (0, 1)
