@@ -341,15 +341,23 @@ LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
     "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
 }
-LEVER_SEEDS = (0, 1)
+
+
+def chosen_levers(args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, object]]]:
+    """LEVERS, or those named by ``--levers`` (in that order), then the ``--lever "NAME=--a=1 --b=2"`` ones."""
+    levers = dict(LEVERS) if not args.levers else {n: LEVERS[n] for n in args.levers.split(";")}
+    for spec in args.lever or []:
+        name, _, overrides = spec.partition("=")
+        levers[name] = (overrides.split(), {})
+    return levers
 
 
 def do_levers(s: Session) -> None:
     """Each lever on `fast`, seed 0 of every lever first, stopped at the target (time and tokens to 4.588)."""
     from lmsprint import bench as B
 
-    for seed in LEVER_SEEDS:
-        for name, (extra, inductor) in LEVERS.items():
+    for seed in (int(x) for x in s.args.lever_seeds.split(",")):
+        for name, (extra, inductor) in chosen_levers(s.args).items():
 
             def run(name: str = name, extra: list[str] = extra, inductor: dict[str, object] = inductor,
                     seed: int = seed) -> dict:
@@ -553,6 +561,9 @@ def main() -> None:
     run.add_argument("--deadline", type=float, default=560.0, help="start no task that would end after this")
     run.add_argument("--smoke", action="store_true")
     run.add_argument("--fresh", action="store_true", help="ignore the results of earlier calls")
+    run.add_argument("--levers", help="levers phase: only these LEVERS names, ';'-separated, in this order")
+    run.add_argument("--lever", action="append", help='levers phase: one more, "NAME=--a=1 --b=2" (repeatable)')
+    run.add_argument("--lever-seeds", default="0,1", help="levers phase: seeds, all levers at each seed in turn")
     rep = sub.add_parser("report")
     rep.add_argument("dir")
     rep.add_argument("--png-dir", default="docs/img")
