@@ -315,6 +315,25 @@ def test_a_checkpoint_from_before_these_options_resumes(tmp_path: Path, corpus: 
     assert resumed.step == 6 and resumed.val_loss == straight.val_loss
 
 
+def test_a_checkpoint_with_an_unknown_model_field_is_refused(tmp_path: Path, corpus: Path) -> None:
+    """A model_config key this version does not know (a newer lmsprint's option): the checkpoint error, not a
+    TypeError from building the config."""
+    import json
+
+    from lmsprint.errors import CheckpointError
+    from lmsprint.training import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    train(tiny_config(corpus, train__steps=6, train__ckpt_every=3, train__stop_at_step=3), run_dir=run)
+    path = ckpt.latest_valid(run / "checkpoints")
+    meta = json.loads((path / "meta.json").read_text())
+    meta["model_config"]["made_up_option"] = True
+    meta["meta_sha256"] = ckpt._meta_digest(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="meta.json"):
+        train(tiny_config(corpus, train__steps=6, train__ckpt_every=3), run_dir=run, resume=True)
+
+
 def test_the_budget_planner_picks_only_sizes_deep_enough_for_the_value_embeddings(corpus: Path) -> None:
     from types import SimpleNamespace
 
