@@ -336,6 +336,14 @@ LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast, 230 steps": (["--train.steps=230"], {}),
     "fast, batch 32 x 460 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=460"], {}),
     "fast, 8 layers": (["--model.n_layer=8"], {}),
+    # smaller models: the 2-minute budget run's 5 x 192 (fast's architecture) crossed 4.588 after 17.7 s of
+    # training at its peak lr (docs/benchmarks.md, issue 14); with a schedule of their own
+    "fast, 5x192, 600 steps": (["--model.n_layer=5", "--model.n_embd=192", "--model.n_head=6", "--train.steps=600"],
+                               {}),
+    "fast, 6x384, 450 steps": (["--model.n_layer=6", "--model.n_embd=384", "--model.n_head=6", "--train.steps=450"],
+                               {}),
+    "fast, 8x512, 350 steps": (["--model.n_layer=8", "--model.n_embd=512", "--model.n_head=8", "--train.steps=350"],
+                               {}),
     "fast, 210 steps": (["--train.steps=210"], {}),
     "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
     "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
