@@ -250,6 +250,8 @@ MORE_CASES = [
          "--model.value_embeds=1 needs 2 layers", _copy("corpus.jsonl")),
     Case("unet-skips-in-one-layer", ("train", "corpus.jsonl", *TINY, "--model.unet_skips=true"),
          "--model.unet_skips needs at least 2 layers", _copy("corpus.jsonl")),
+    Case("negative-bigram-embed", ("train", "c.jsonl", *TINY, "--model.bigram_embed=-1"),
+         "--model.bigram_embed must be 0 (off) or >= 2 (hash buckets plus the reserved row), got -1"),
     Case("invalid-boolean", ("train", "c.jsonl", *TINY, "--train.compile=maybe"), "expected true or false"),
     Case("fp8-head-not-a-boolean", ("train", "c.jsonl", *TINY, "--train.fp8_head=e4m3"),
          "--train.fp8_head: expected true or false, got 'e4m3'"),

@@ -114,19 +114,20 @@ def test_compiled_model_on_each_sdpa_backend(backend: str) -> None:
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiled_model_with_value_embeds_unet_and_smear_equals_eager(autocast: bool) -> None:
-    """The modded-nanogpt options (value embeddings, U-net skips, smearing) compiled, with FlexAttention document
-    masks, give the loss and gradients of the eager dense-mask model, in fp32 and under bf16 autocast (written
-    for issue 14, not yet run on the H200)."""
+    """The modded-nanogpt options (value embeddings, U-net skips, smearing, the hashed bigram embedding) compiled,
+    with FlexAttention document masks, give the loss and gradients of the eager dense-mask model, in fp32 and under
+    bf16 autocast (written for issue 14, not yet run on the H200)."""
     from lmsprint.config import ModelConfig
     from lmsprint.data.loader import segments
     from lmsprint.model import GPT, resolve_model_config
 
     mc = ModelConfig(n_layer=4, n_head=4, n_embd=128, mlp="relu2", qk_norm=True, tie_embeddings=False,
-                     logit_softcap=15.0, value_embeds=1, unet_skips=True, smear=True)
+                     logit_softcap=15.0, value_embeds=1, unet_skips=True, smear=True, bigram_embed=256)
     ref = GPT(resolve_model_config(mc, vocab_size=1000, block_size=512)).cuda()
     ref.init_weights(0)
     with torch.no_grad():
         ref.smear_lambda.fill_(0.5)  # smearing on (0 at init), so its compiled path is exercised
+        ref.transformer.bigram_embed.weight.normal_(std=0.02)  # zeros at init: give the bigram table a value
     fast = GPT(resolve_model_config(mc, vocab_size=1000, block_size=512)).cuda()
     fast.load_state_dict(ref.state_dict())
     fast.use_flex = True

@@ -56,6 +56,10 @@ class ModelConfig:
     smear: bool = False
     """Token smearing (modded-nanogpt): each token's embedding gets a learned, gated share of the previous token's
     (never across a document boundary with --data.doc_mask)."""
+    bigram_embed: int = 0
+    """Hashed bigram embedding (modded-nanogpt): a table of this many rows, indexed by a hash of each token and the
+    one before it, added times a learned weight to the token embedding (the first token of a row, or of a document
+    with --data.doc_mask, gets a reserved row); 0 = off, else >= 2 (modded-nanogpt used 5 x the vocabulary)."""
 
     def check(self) -> None:
         """Sizes and options in range (the shape a preset makes is checked by :func:`lmsprint.model.model_shape`)."""
@@ -68,6 +72,8 @@ class ModelConfig:
         require(self.vocab_multiple >= 1, f"--model.vocab_multiple must be >= 1, got {self.vocab_multiple}")
         require(self.rope_base > 0, f"--model.rope_base must be > 0, got {self.rope_base}")
         require(self.value_embeds >= 0, f"--model.value_embeds must be >= 0 (0 = off), got {self.value_embeds}")
+        require(self.bigram_embed == 0 or self.bigram_embed >= 2, "--model.bigram_embed must be 0 (off) or >= 2 (hash "
+                f"buckets plus the reserved row), got {self.bigram_embed}")
 
 
 @dataclass

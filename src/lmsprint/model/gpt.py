@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmsprint.model.fp8 import fp8_linear
-from lmsprint.model.layers import SMEAR_GATE_DIM, Block, GPTConfig, Norm, document_mask, smear
+from lmsprint.model.layers import SMEAR_GATE_DIM, Block, GPTConfig, Norm, bigram_buckets, document_mask, smear
 
 IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
-SCALAR_INITS = {"ve_lambdas": 0.5, "skip_weights": 1.0, "smear_gate": 0.0, "smear_lambda": 0.0}
+SCALAR_INITS = {"ve_lambdas": 0.5, "skip_weights": 1.0, "smear_gate": 0.0, "smear_lambda": 0.0, "bigram_lambda": 1.0}
 """Initial values of the learned scalars, by parameter name (every other 1-D tensor is a norm gain: 1)."""
 
 
@@ -32,6 +32,9 @@ class GPT(nn.Module):
         if cfg.value_embeds:
             # one table of K chunks of width C: chunk i feeds layers i and n_layer - K + i (value_embed_index)
             modules["value_embed"] = nn.Embedding(cfg.padded_vocab, cfg.value_embeds * cfg.n_embd)
+        if cfg.bigram_embed:
+            # hashed (previous, current) token pairs -> rows; the last row is for tokens without a previous one
+            modules["bigram_embed"] = nn.Embedding(cfg.bigram_embed, cfg.n_embd)
         modules["h"] = nn.ModuleList(Block(cfg, value_embed=cfg.value_embed_index(i) is not None)
                                      for i in range(cfg.n_layer))
         modules["ln_f"] = Norm(cfg.n_embd, cfg.norm)
@@ -44,6 +47,8 @@ class GPT(nn.Module):
         if cfg.smear:
             self.smear_gate = nn.Parameter(torch.empty(min(SMEAR_GATE_DIM, cfg.n_embd)))
             self.smear_lambda = nn.Parameter(torch.empty(1))
+        if cfg.bigram_embed:
+            self.bigram_lambda = nn.Parameter(torch.empty(1))
         self._head_fn: Callable[..., Tensor] = self._head
         self._smear_fn: Callable[..., Tensor] = smear
         # document masks through FlexAttention (the trainer turns this on for compiled CUDA runs); else SDPA
@@ -54,9 +59,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """GPT-2 init: N(0, std) for matrices and embeddings, residual projections scaled by 1/sqrt(2 n_layer);
-        norm gains 1, the learned scalars as SCALAR_INITS says.
+        norm gains 1, the learned scalars as SCALAR_INITS says; the bigram-embedding table zeros (as modded-nanogpt's,
+        so that at the start the model computes what it would without it).
 
-        The value-embedding table is drawn last, so that turning it on leaves every other weight as it was."""
+        The value-embedding table is drawn last and the bigram table draws nothing, so that turning either on
+        leaves every other weight as it was."""
         cfg = self.config
         gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         proj_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
@@ -64,6 +71,8 @@ class GPT(nn.Module):
         for name, p in named:  # a stable sort: the registration order, the value-embedding table moved last
             if p.ndim < 2:
                 nn.init.constant_(p, SCALAR_INITS.get(name.rsplit(".", 1)[-1], 1.0))
+            elif name == "transformer.bigram_embed.weight":
+                nn.init.zeros_(p)
             elif name.endswith("c_proj.weight"):
                 if cfg.zero_init_proj:
                     nn.init.zeros_(p)
@@ -145,6 +154,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
         if cfg.smear:
             x = self._smear_fn(x, self.smear_gate, self.smear_lambda, doc_ids)
+        if cfg.bigram_embed:  # after the smear, which (as modded-nanogpt's) shifts token embeddings only
+            x = x + self.bigram_lambda * self.transformer.bigram_embed(bigram_buckets(idx, cfg.bigram_embed, doc_ids))
         # The BlockMask is built here, once per forward and outside the compiled blocks: built inside a
         # compiled region, torch 2.11's inductor fused it into the attention kernel and got it wrong on CUDA
         # (tests/test_gpu.py checks both ways against SDPA with a dense mask).

@@ -33,6 +33,7 @@ class GPTConfig:
     value_embeds: int = 0  # K value-embedding tables, shared by the first K and the last K layers (0 = off)
     unet_skips: bool = False  # U-net skips: first half's outputs added back into the second half
     smear: bool = False  # each token's embedding gets a gated share of the previous token's
+    bigram_embed: int = 0  # rows of the hashed bigram embedding, the last one reserved (0 = off)
 
     @property
     def padded_vocab(self) -> int:
@@ -262,6 +263,36 @@ def smear(x: Tensor, gate: Tensor, lam: Tensor, doc_ids: Tensor | None = None) -
     if doc_ids is not None:
         g = g * (doc_ids[:, 1:] == doc_ids[:, :-1])
     return torch.cat((x[:, :1], x[:, 1:] + g[..., None] * x[:, :-1]), dim=1)  # (B, T, C)
+
+
+# modded-nanogpt's bigram hash (records/track_1_short/2026-01-19_BigramHashEmbedding, get_bigram_hash): the current
+# and the previous token times two odd constants, XORed, modulo the number of buckets
+BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
+
+
+def bigram_buckets(idx: Tensor, rows: int, doc_ids: Tensor | None = None) -> Tensor:
+    """The bigram-embedding row of each position: ``(36313 * idx[t] ^ 27191 * idx[t-1]) % (rows - 1)`` for t >= 1.
+
+    Position 0 of a row has no previous token and gets the reserved last row, ``rows - 1``; with ``doc_ids``
+    (B, T) so does the first token of every document, so that no pair spans a document boundary. In int64 on the
+    input's device (no host sync): the products stay below 2**47 for any token id below 2**31, so the buckets are
+    the record's int32 ones wherever those did not overflow (ids below 59,138, GPT-2's vocabulary included).
+
+    Args:
+        idx: (B, T) token ids (>= 0).
+        rows: The table's rows (>= 2): rows - 1 hash buckets and the reserved row.
+        doc_ids: (B, T) non-decreasing sequence ids, or None (each row one stream).
+
+    Returns:
+        (B, T) int64 row indices in [0, rows).
+    """
+    a, b = BIGRAM_HASH_MULTIPLIERS
+    cur, prev = idx[:, 1:].long(), idx[:, :-1].long()
+    h = torch.bitwise_xor(a * cur, b * prev) % (rows - 1)  # (B, T-1); the XOR of two non-negatives is one
+    if doc_ids is not None:
+        h = h.masked_fill(doc_ids[:, 1:] != doc_ids[:, :-1], rows - 1)  # a new document: no previous token
+    first = torch.full((idx.size(0), 1), rows - 1, dtype=torch.long, device=idx.device)  # (B, 1)
+    return torch.cat((first, h), dim=1)  # (B, T)
 
 
 class MLP(nn.Module):
