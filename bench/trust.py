@@ -340,6 +340,7 @@ LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
     "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
     "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
+    "fast + fused linear cross-entropy": (["--train.fused_ce=true"], {}),
 }
 
 
