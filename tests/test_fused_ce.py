@@ -198,6 +198,7 @@ def test_no_rows_by_vocab_tensor_is_ever_made(autocast: bool) -> None:
         assert mode.largest == largest
 
 
+@pytest.mark.slow
 def test_compiled_equals_eager() -> None:
     """torch.compile(fullgraph=True) with Inductor: the chunk loop traced (no graph break) into a graph whose loss
     and gradients are eager's; under bf16 autocast too."""
