@@ -350,6 +350,7 @@ LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
     # modded-nanogpt's table size, 5 x the vocabulary (fast's 32,768): 126 M more parameters at width 768
     "fast + bigram embedding (5 x 32768)": (["--model.bigram_embed=163840"], {}),
+    "fast + fused linear cross-entropy": (["--train.fused_ce=true"], {}),
 }
 
 

@@ -65,6 +65,8 @@ def test_cli_takes_the_spaced_spelling_without_a_corpus(capsys: pytest.CaptureFi
         (["--train.steps=2.5"], "--train.steps: expected an integer"),
         (["--train.compile=maybe"], "expected true or false"),
         (["--train.fp8_head=fast"], "--train.fp8_head: expected true or false, got 'fast'"),
+        (["--train.fused_ce=yes please"], "--train.fused_ce: expected true or false, got 'yes please'"),
+        (["--train.fused_ce=true", "--train.fp8_head=true"], "--train.fused_ce and --train.fp8_head both replace"),
         (["--data.batching=zigzag"], "is not one of pack, pad, bucket, best-fit"),
         (["--train.nonsense=1"], "unknown config key 'train.nonsense'"),
         (["--bogus.key=1"], "unknown config key 'bogus.key'"),

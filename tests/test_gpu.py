@@ -236,3 +236,58 @@ def test_tiny_compiled_training_with_the_fp8_head(tmp_path, corpus, capsys) -> N
     assert sum(fp8_losses[-5:]) / 5 < sum(fp8_losses[:5]) / 5 - 0.3
     assert fp8_losses != runs[False]
     assert fp8_losses[-1] == pytest.approx(runs[False][-1], abs=0.1)
+
+
+def _head_case(n: int, c: int, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 unit-scale activations (the final norm's output), an fp32 head weight of GPT-2's init scale, targets
+    with every 97th ignored."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, c, device="cuda", generator=g)
+    w = torch.randn(v, c, device="cuda", generator=g) * 0.02
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    targets[::97] = -100
+    return x, w, targets
+
+
+def _unfused_head(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(x, w).float()
+    return F.cross_entropy(15.0 * torch.tanh(logits / 15.0), targets, ignore_index=-100)
+
+
+def _head_run(fn, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tuple[list[torch.Tensor], int]:  # noqa: ANN001
+    """fn's loss and gradients under bf16 autocast, and the peak memory of its forward and backward above what was
+    allocated before."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = fn(x, w, targets)
+    loss.backward()
+    torch.cuda.synchronize()
+    return [loss.detach(), x.grad, w.grad], torch.cuda.max_memory_allocated() - base
+
+
+def test_fused_ce_compiled_at_the_head_shape() -> None:
+    """The compiled fused head (model/fused_ce.py) at an eighth of fast's rows, 8192 x 768 @ 768 x 32768, soft-cap
+    15, bf16 autocast, eight chunks: loss and gradients of the compiled unfused head (bf16 logits, fp32 soft-cap
+    and cross-entropy) within bf16 rounding, eager's up to Inductor's fusion, and a peak memory under one bf16
+    (rows, vocab) tensor where the unfused head's is above it (written 2026-12-05, not yet run on the H200)."""
+    from lmsprint.model.fused_ce import linear_softcap_cross_entropy
+
+    n, c, v = 8192, 768, 32768
+    x, w, targets = _head_case(n, c, v)
+
+    def fused(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return linear_softcap_cross_entropy(x, w, t, softcap=15.0, chunk_rows=1024)  # chunk logits: 64 MiB
+
+    for fn in (fused, _unfused_head):  # compile (and warm up) outside the measured runs
+        _head_run(torch.compile(fn, fullgraph=True), x, w, targets)
+    (unfused_out, unfused_peak) = _head_run(torch.compile(_unfused_head, fullgraph=True), x, w, targets)
+    (fused_out, fused_peak) = _head_run(torch.compile(fused, fullgraph=True), x, w, targets)
+    eager_out, _ = _head_run(fused, x, w, targets)
+    assert _rel(fused_out[0], unfused_out[0]) < 1e-4
+    for a, b, e in zip(fused_out[1:], unfused_out[1:], eager_out[1:], strict=True):
+        assert a.dtype == torch.float32 and _rel(a, b) < 2e-2 and _rel(a, e) < 1e-2
+    bf16_logits = n * v * 2  # 512 MiB; the fused head's peak is about 350 MiB (two chunks' logits, w and grad_w)
+    assert fused_peak < bf16_logits < unfused_peak, (fused_peak, unfused_peak)

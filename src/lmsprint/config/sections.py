@@ -320,6 +320,10 @@ class TrainConfig:
     """Run the output head's matmul in FP8 while training (e4m3 forward, e5m2 gradients, dynamic per-tensor
     scales; evaluation and generation stay in bf16). Needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper);
     elsewhere the head keeps its regular matmul, with a warning."""
+    fused_ce: bool = False
+    """Compute the training loss with a fused, chunked output head and soft-capped cross-entropy: the same maths
+    without a (tokens, vocab) fp32 logits tensor (gradients computed in the forward, a chunk of rows at a time).
+    Runs anywhere; evaluation and generation keep the regular head. Not with --train.fp8_head."""
     seed: int = 1337
     """Seed of the initial weights and the data order."""
     eval_every: int = 100
@@ -392,6 +396,8 @@ class TrainConfig:
             require(len(os.fsencode(name)) <= 255, f"--train.run_name is {len(os.fsencode(name))} bytes long; a "
                     "directory name can have at most 255")
         require(self.out_dir.strip() != "", "--train.out_dir must name a directory, got ''")
+        require(not (self.fused_ce and self.fp8_head), "--train.fused_ce and --train.fp8_head both replace the output "
+                "head's matmul; turn one off")
 
 
 @dataclass

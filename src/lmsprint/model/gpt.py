@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmsprint.model.fp8 import fp8_linear
+from lmsprint.model.fused_ce import linear_softcap_cross_entropy
 from lmsprint.model.layers import SMEAR_GATE_DIM, Block, GPTConfig, Norm, bigram_buckets, document_mask, smear
 
 IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing to the loss
@@ -55,6 +56,7 @@ class GPT(nn.Module):
         # with a dense mask
         self.use_flex = False
         self.fp8_head = False  # set by GPT.set_fp8_head (a kernel choice, not part of the model)
+        self.fused_ce = False  # set by GPT.set_fused_ce (likewise)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -91,6 +93,12 @@ class GPT(nn.Module):
         generation keep the regular matmul. The caller checks that it runs here (``fp8.fp8_linear_runs``)."""
         self.fp8_head = enabled
 
+    def set_fused_ce(self, enabled: bool) -> None:
+        """Compute the training loss with the fused, chunked head and cross-entropy (model/fused_ce.py): the same
+        maths, padded vocabulary columns included, without a (tokens, vocab) logits tensor. It does its own matmuls,
+        so it replaces the FP8 head where both are set; evaluation and generation keep the regular head."""
+        self.fused_ce = enabled
+
     def compile_blocks(self, **kwargs: object) -> None:
         """torch.compile each block and the loss head separately: one block graph is reused by every layer,
         so compile time does not grow with depth."""
@@ -115,6 +123,10 @@ class GPT(nn.Module):
         return 6 * self.num_params(matmul_only=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     def _head(self, x: Tensor, targets: Tensor, reduction: str) -> Tensor:
+        if self.fused_ce and self.training:
+            return linear_softcap_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets,
+                                                softcap=self.config.logit_softcap, ignore_index=IGNORE_INDEX,
+                                                reduction=reduction)
         logits = self._logits(x, fp8=self.fp8_head and self.training)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=reduction)

@@ -95,6 +95,7 @@ class Trainer:
         model.use_flex = self.device.type == "cuda" and t.compile and t.flex_attention and flex_available()
         model.set_sdpa_backend(self.sdpa_backend(t.sdpa_backend))
         model.set_fp8_head(t.fp8_head and self.fp8_head_runs())
+        model.set_fused_ce(t.fused_ce)
         if t.compile:
             # Dynamo's state is per process: earlier runs in it (bench, studies, in-process restarts) would count
             # against its recompile limit, past which it silently runs eager. Each run starts afresh (compiled
