@@ -530,6 +530,27 @@ def test_state_dict_round_trip(name):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_muon_state_saved_before_the_variants_loads_with_them_off():
+    """A state dict whose Muon groups lack the variants' keys (saved by an earlier version) loads with them off and
+    continues exactly like the run that saved it."""
+    grads = grad_sequence(SHAPES, 8)
+    params = make_params(SHAPES)
+    straight = run(FACTORIES["muon"](params), params, grads)
+    params = make_params(SHAPES)
+    opt = FACTORIES["muon"](params)
+    run(opt, params, grads[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("ns_coefficients", "cautious_wd", "normuon", "normuon_beta2"):
+            group.pop(key, None)
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = FACTORIES["muon-variants"](fresh)  # built with them on: the saved groups' settings win, as torch does
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["normuon"] is False and "normuon" not in opt2.param_groups[1]
+    for a, b in zip(run(opt2, fresh, grads[3:]), straight):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", FACTORIES)
 def test_bf16_params(name):
     """bf16 weights: state is float32, the update is applied, a quadratic loss goes down; state stays float32
