@@ -325,6 +325,7 @@ def do_ablation(s: Session) -> None:
 # issue 14's levers, each timed to 4.588 against `fast` in the same call: name -> (overrides, Inductor config).
 # Every lever run evaluates every 10 steps (LEVER_EVAL), so the crossing is interpolated over 10 steps, not 25.
 LEVER_EVAL = ["--train.eval_every=10"]
+MUON_DECAY = ["--optim.weight_decay=0.02", "--optim.embed_weight_decay=0", "--optim.head_weight_decay=0"]
 LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "fast (same call)": ([], {}),
     "fast + value embeddings (3)": (["--model.value_embeds=3"], {}),
@@ -351,6 +352,12 @@ LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
     # modded-nanogpt's table size, 5 x the vocabulary (fast's 32,768): 126 M more parameters at width 768
     "fast + bigram embedding (5 x 32768)": (["--model.bigram_embed=163840"], {}),
     "fast + fused linear cross-entropy": (["--train.fused_ce=true"], {}),
+    "fast + Polar Express coefficients": (["--optim.ns_coefficients=polar_express"], {}),
+    "fast + NorMuon": (["--optim.normuon=true"], {}),
+    # cautious decay needs a decay (fast has none): on the Muon matrices only, at modded-nanogpt's per-step rate
+    # (its lr 0.023 x wd 1.2 x lr 0.023 = 6e-4 ~ 0.03 x 0.02), with plain decay at that rate as its control
+    "fast + Muon weight decay 0.02": (MUON_DECAY, {}),
+    "fast + cautious weight decay 0.02": ([*MUON_DECAY, "--optim.cautious_wd=true"], {}),
 }
 
 

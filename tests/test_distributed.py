@@ -40,7 +40,10 @@ ARGS = ["--data.tokenizer=byte", "--data.seq_len=16", "--data.val_fraction=0.1",
         f"--train.steps={STEPS}", "--train.log_every=1", "--train.eval_every=4", "--train.eval_tokens=128",
         "--train.ckpt_every=4", "--train.device=cpu", "--log.progress=false", "--log.plot=false",
         "--schedule.warmup_steps=2", "--train.peak_tflops=1"]
-MUON = ["--optim.name=muon"]
+# Muon with its variants on (tests/test_optim.py holds each against its reference): NorMuon's whole (rows, 1) buffer
+# is state that every rank keeps whole next to its momentum shards, through DCP and consolidated checkpoints
+MUON = ["--optim.name=muon", "--optim.normuon=true", "--optim.ns_coefficients=polar_express",
+        "--optim.cautious_wd=true"]
 SOAP = ["--optim.name=soap", "--optim.lr=3e-3", "--optim.precondition_frequency=2"]
 
 
@@ -167,7 +170,7 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(workdir: Path, tmp_pat
 
 SHAPES = [(5, 3), (8, 4), (8, 4), (6, 10), (3, 7), (1, 4), (8, 4)]  # uneven and empty shards on 2 ranks
 OPT_STEPS = 4
-OPTIMIZERS = ["muon", "soap", "adamw:for", "adamw:foreach", "adamw:fused", "lion:for", "lion:foreach",
+OPTIMIZERS = ["muon", "muon:variants", "soap", "adamw:for", "adamw:foreach", "adamw:fused", "lion:for", "lion:foreach",
               "ademamix:for", "ademamix:foreach"]
 
 
@@ -180,9 +183,10 @@ def _optimizer(name: str, params: list[nn.Parameter], data_parallel: bool) -> to
     from lmsprint.optim import SOAP, AdamW, AdEMAMix, Lion, Muon
 
     kind, _, impl = name.partition(":")
-    if kind == "muon":
+    if kind == "muon":  # muon:variants: Polar Express coefficients, NorMuon (row statistics gathered under FSDP2)
+        variants = dict(ns_coefficients="polar_express", normuon=True, cautious_wd=True) if impl else {}
         return Muon(params, lr=0.02, weight_decay=0.1, momentum_warmup=3, ns_dtype=torch.float32,
-                    data_parallel=data_parallel)
+                    data_parallel=data_parallel, **variants)  # type: ignore[arg-type]
     if kind == "soap":
         return SOAP(params, lr=3e-3, precondition_frequency=2, data_parallel=data_parallel)
     if kind == "adamw":
@@ -194,7 +198,7 @@ def _optimizer(name: str, params: list[nn.Parameter], data_parallel: bool) -> to
 
 def _train_params(name: str, layout: str) -> list[torch.Tensor]:
     """OPT_STEPS steps on fixed gradients; the whole parameters after them."""
-    shapes = SHAPES + ([] if name == "muon" else [(7,)])  # SOAP & co. also get a 1-D tensor
+    shapes = SHAPES + ([] if name.startswith("muon") else [(7,)])  # SOAP & co. also get a 1-D tensor
     init = _tensors(shapes, 0)
     if layout == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -220,7 +224,7 @@ def _optimizer_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for name in OPTIMIZERS:
-        for layout in ("ddp", "fsdp") if name in ("muon", "soap") else ("fsdp",):
+        for layout in ("ddp", "fsdp") if name.partition(":")[0] in ("muon", "soap") else ("fsdp",):
             results[f"{name}/{layout}"] = _train_params(name, layout)
     if rank == 0:
         torch.save(results, out)
@@ -233,15 +237,15 @@ def _optimizer_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_optimizers_on_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    """Distributed Muon (Newton-Schulz per matrix on its owner) and SOAP (eigenbases on their owners), on whole
-    tensors and on FSDP2 shards, and AdamW/Lion/AdEMAMix (every kernel path) on DTensor shards, give the
-    one-process parameters."""
+    """Distributed Muon (Newton-Schulz per matrix on its owner; with its variants, NorMuon's row statistics
+    all-gathered) and SOAP (eigenbases on their owners), on whole tensors and on FSDP2 shards, and
+    AdamW/Lion/AdEMAMix (every kernel path) on DTensor shards, give the one-process parameters."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "results.pt"
     mp.spawn(_optimizer_worker, args=(2, free_port(), str(out)), nprocs=2)
     results = torch.load(out)
-    assert len(results) == len(OPTIMIZERS) + 2
+    assert len(results) == len(OPTIMIZERS) + 3
     for key, got in results.items():
         want = _train_params(key.split("/")[0], "single")
         for g, w in zip(got, want):

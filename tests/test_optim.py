@@ -161,24 +161,93 @@ def test_ademamix_paths_agree():
 # Muon (Jordan et al. 2024: the blog post's pseudocode and github.com/KellerJordan/Muon)
 
 
-def newton_schulz_reference(G, steps):
-    a, b, c = 3.4445, -4.7750, 2.0315
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): the coefficients modded-nanogpt uses, from
+# the paper's reference code (github.com/NoahAmsel/PolarExpress, polar_express.py) with l=1e-3, 5 iterations,
+# safety factor 1 + 2e-2, cushion 0.02; the input is divided by 1.02 ||G||_F
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+JORDAN = [(3.4445, -4.7750, 2.0315)] * 5
+
+
+def optimal_quintic(lo, hi):
+    """The odd quintic closest to 1 on [lo, hi] in max norm (Remez exchange; Algorithm 1 of the paper)."""
+    if lo / hi >= 1 - 5e-6:
+        return 15 / 8 / hi, -10 / 8 / hi**3, 3 / 8 / hi**5
+    q, r = (3 * lo + 1) / 4, (lo + 3) / 4
+    err, old = math.inf, None
+    while old is None or abs(old - err) > 1e-15:
+        old = err
+        pts = torch.tensor([lo, q, r, hi], dtype=torch.float64)
+        lhs = torch.stack([pts, pts**3, pts**5, torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)], 1)
+        a, b, c, err = torch.linalg.solve(lhs, torch.ones(4, dtype=torch.float64)).tolist()
+        disc = math.sqrt(9 * b**2 - 20 * a * c)
+        q, r = math.sqrt((-3 * b - disc) / (10 * c)), math.sqrt((-3 * b + disc) / (10 * c))
+    return a, b, c
+
+
+def optimal_composition(lo, iters, safety, cushion):
+    """The paper's greedy composition: each quintic optimal for where the previous ones left [lo, hi]; a cushioned
+    one recentred around 1; all but the last shrunk by the safety factor."""
+    hi, out = 1.0, []
+    for i in range(iters):
+        a, b, c = optimal_quintic(max(lo, cushion * hi), hi)
+        if cushion * hi > lo:
+            at_lo, at_hi = a * lo + b * lo**3 + c * lo**5, a * hi + b * hi**3 + c * hi**5
+            a, b, c = (x * 2 / (at_lo + at_hi) for x in (a, b, c))
+        if i < iters - 1:
+            a, b, c = a / safety, b / safety**3, c / safety**5
+        out.append((a, b, c))
+        lo = a * lo + b * lo**3 + c * lo**5
+        hi = 2 - lo
+    return out
+
+
+def newton_schulz_reference(G, steps, coefficients=None, safety=1.0):
+    coefficients = coefficients or JORDAN
     X = G.T if G.shape[0] > G.shape[1] else G
-    X = X / (torch.linalg.matrix_norm(X) + 1e-7)
-    for _ in range(steps):
+    X = X / (torch.linalg.matrix_norm(X) * safety + 1e-7)
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if G.shape[0] > G.shape[1] else X
 
 
-def muon_reference(w, grads, *, lr, momentum, nesterov, wd, warmup=0, ns_steps=5):
+def orthogonalise_reference(G, coefficients):
+    if coefficients == "polar_express":
+        return newton_schulz_reference(G, 5, POLAR_EXPRESS, safety=1.02)
+    return newton_schulz_reference(G, 5)
+
+
+def muon_reference(w, grads, *, lr, momentum, nesterov, wd, warmup=0, ns_steps=5, coefficients="jordan",
+                   normuon=False, beta2=0.95, cautious=False):
+    """Muon step by step; NorMuon as its reference code (zichongli5/NorMuon, normuon_update); cautious weight decay
+    as Algorithm 1 of Chen et al. 2025: w = w - lr (u + wd I(u w >= 0) w)."""
     buf = torch.zeros_like(w)
+    v = torch.zeros(w.shape[0], 1)
     for k, g in enumerate(grads):
         mu = momentum if warmup == 0 else (1 - min(k / warmup, 1)) * 0.85 + min(k / warmup, 1) * momentum
         buf = mu * buf + (1 - mu) * g
         u = (1 - mu) * g + mu * buf if nesterov else buf
-        u = newton_schulz_reference(u, ns_steps) * max(1.0, w.shape[0] / w.shape[1]) ** 0.5
-        w = w * (1 - lr * wd) - lr * u
+        if ns_steps == 5:
+            u = orthogonalise_reference(u, coefficients)
+        else:
+            u = newton_schulz_reference(u, ns_steps)
+        if normuon:
+            norm = torch.linalg.matrix_norm(u)
+            v = beta2 * v + (1 - beta2) * (u * u).mean(dim=1, keepdim=True)
+            u = u / (v.sqrt() + 1e-10)
+            u = u * norm / (torch.linalg.matrix_norm(u) + 1e-10)
+        u = u * max(1.0, w.shape[0] / w.shape[1]) ** 0.5
+        if cautious:
+            w = w - lr * wd * (u * w >= 0) * w - lr * u
+        else:
+            w = w * (1 - lr * wd) - lr * u
     return w
 
 
@@ -196,6 +265,100 @@ def test_muon_matches_reference(impl, nesterov, warmup):
         ref = muon_reference(w, [g[i] for g in grads], lr=0.05, momentum=0.9, nesterov=nesterov, wd=0.1,
                              warmup=warmup)
         torch.testing.assert_close(out[i], ref, rtol=1e-4, atol=1e-5)
+
+
+VARIANTS = {
+    "polar_express": dict(ns_coefficients="polar_express"),
+    "normuon": dict(normuon=True, normuon_beta2=0.9),
+    "cautious_wd": dict(cautious_wd=True),
+    "all three": dict(ns_coefficients="polar_express", normuon=True, cautious_wd=True),
+}
+
+
+@pytest.mark.parametrize("impl", ["for", "foreach", "compiled"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_muon_variants_match_reference(impl, variant):
+    """Polar Express coefficients, NorMuon and cautious weight decay, alone and together, on every path, against
+    the step-by-step reference (8 steps; momentum warm-up on; decay large enough that the cautious mask matters)."""
+    kw = VARIANTS[variant]
+    shapes = [(8, 5), (5, 8), (6, 6), (8, 5), (4, 3, 2)]  # a 3-D tensor is the matrix (4, 6)
+    params = make_params(shapes)
+    init = [p.detach().clone() for p in params]
+    grads = grad_sequence(shapes, 8)
+    opt = Muon(params, lr=0.05, momentum=0.9, weight_decay=2.0, momentum_warmup=3, impl=impl,
+               ns_dtype=torch.float32, **kw)
+    out = run(opt, params, grads)
+    for i, w in enumerate(init):
+        ref = muon_reference(w.reshape(len(w), -1), [g[i].reshape(len(w), -1) for g in grads], lr=0.05,
+                             momentum=0.9, nesterov=True, wd=2.0, warmup=3,
+                             coefficients=kw.get("ns_coefficients", "jordan"), normuon=kw.get("normuon", False),
+                             beta2=kw.get("normuon_beta2", 0.95), cautious=kw.get("cautious_wd", False))
+        torch.testing.assert_close(out[i], ref.view(w.shape), rtol=1e-4, atol=1e-5)
+        if kw.get("normuon"):
+            assert opt.state[params[i]]["second_momentum_buffer"].shape == (len(w), 1)
+    plain = run(Muon(make_params(shapes), lr=0.05, momentum=0.9, weight_decay=2.0, momentum_warmup=3, impl=impl,
+                     ns_dtype=torch.float32), make_params(shapes), grads)
+    assert not any(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(out, plain))  # each one changes it
+
+
+@pytest.mark.parametrize("impl", ["for", "foreach"])
+def test_cautious_weight_decay_without_decay_is_plain_muon(impl):
+    """With weight_decay=0 the mask has nothing to gate: bit for bit the run without it."""
+    shapes = [(8, 5), (6, 6), (8, 5)]
+    grads = grad_sequence(shapes, 5)
+    runs = []
+    for cautious in (False, True):
+        params = make_params(shapes)
+        runs.append(run(Muon(params, lr=0.05, weight_decay=0.0, cautious_wd=cautious, impl=impl,
+                             ns_dtype=torch.float32), params, grads))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_cautious_weight_decay_mask():
+    """The decay reaches exactly the coordinates where the update and the weight have the same sign (or a zero)."""
+    from lmsprint.optim.muon import cautious_mask
+
+    u = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 2.0])
+    p = torch.tensor([2.0, -3.0, -1.0, 4.0, -5.0, 0.0])
+    assert cautious_mask(u, p).tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_polar_express_coefficients_are_the_papers():
+    """The five quintics are what the paper's algorithm gives for modded-nanogpt's settings (re-derived here), and
+    the schedule takes the first ``steps`` of them, repeating the last beyond five (as the paper's code)."""
+    from lmsprint.optim.muon import POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, ns_coefficients
+
+    assert [list(c) for c in POLAR_EXPRESS_COEFFICIENTS] == [list(c) for c in POLAR_EXPRESS]
+    derived = optimal_composition(1e-3, 5, 1.02, 0.02)
+    torch.testing.assert_close(torch.tensor(derived, dtype=torch.float64),
+                               torch.tensor(POLAR_EXPRESS, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert POLAR_EXPRESS_SAFETY == 1.02
+    assert ns_coefficients("polar_express", 3) == POLAR_EXPRESS[:3]
+    assert ns_coefficients("polar_express", 7) == [*POLAR_EXPRESS, POLAR_EXPRESS[-1], POLAR_EXPRESS[-1]]
+    assert ns_coefficients("jordan", 4) == JORDAN[:4]
+    with pytest.raises(ValueError, match="ns_coefficients must be one of jordan, polar_express, got 'newton'"):
+        ns_coefficients("newton", 5)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (64, 16), (16, 64), (100, 37)])
+def test_polar_express_orthogonalises_closer_than_jordan(shape):
+    """float32 iteration on random matrices: the singular values end closer to 1 than with Jordan's quintic (max
+    |s - 1| about 0.14 against 0.32: the composed polynomial's equioscillation error), the result is within that
+    of U V^T, and it is U p(S) V^T for the composition p of the cited quintics, applied in order."""
+    from lmsprint.optim.muon import zeropower_via_newtonschulz5
+
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    jordan = zeropower_via_newtonschulz5(G, 5, dtype=torch.float32)
+    polar = zeropower_via_newtonschulz5(G, 5, dtype=torch.float32, coefficients="polar_express")
+    worst = {k: (torch.linalg.svdvals(X) - 1).abs().max().item() for k, X in (("jordan", jordan), ("pe", polar))}
+    assert worst["pe"] < 0.16 < 0.25 < worst["jordan"]
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    assert torch.linalg.matrix_norm(polar.double() - U @ Vh, ord=2) < 0.16
+    s = S / (1.02 * torch.linalg.matrix_norm(G.double()) + 1e-7)
+    for a, b, c in POLAR_EXPRESS:
+        s = a * s + b * s**3 + c * s**5
+    torch.testing.assert_close(polar.double(), U @ torch.diag(s) @ Vh, rtol=0, atol=2e-5)
+    torch.testing.assert_close(polar, newton_schulz_reference(G, 5, POLAR_EXPRESS, safety=1.02))
 
 
 def test_newton_schulz_orthogonalises():
@@ -339,6 +502,10 @@ FACTORIES = {
     "muon": lambda ps: MuonWithAuxAdamW(
         [dict(params=[p for p in ps if p.ndim == 2], use_muon=True, lr=0.02, weight_decay=0.1, momentum_warmup=5),
          dict(params=[p for p in ps if p.ndim != 2], use_muon=False, lr=1e-2)], ns_dtype=torch.float32),
+    "muon-variants": lambda ps: MuonWithAuxAdamW(
+        [dict(params=[p for p in ps if p.ndim == 2], use_muon=True, lr=0.02, weight_decay=0.1, momentum_warmup=5,
+              ns_coefficients="polar_express", normuon=True, normuon_beta2=0.9, cautious_wd=True),
+         dict(params=[p for p in ps if p.ndim != 2], use_muon=False, lr=1e-2)], ns_dtype=torch.float32),
 }
 
 
@@ -361,6 +528,27 @@ def test_state_dict_round_trip(name):
     resumed = run(opt2, fresh, grads[4:])
     for a, b in zip(resumed, straight):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_muon_state_saved_before_the_variants_loads_with_them_off():
+    """A state dict whose Muon groups lack the variants' keys (saved by an earlier version) loads with them off and
+    continues exactly like the run that saved it."""
+    grads = grad_sequence(SHAPES, 8)
+    params = make_params(SHAPES)
+    straight = run(FACTORIES["muon"](params), params, grads)
+    params = make_params(SHAPES)
+    opt = FACTORIES["muon"](params)
+    run(opt, params, grads[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("ns_coefficients", "cautious_wd", "normuon", "normuon_beta2"):
+            group.pop(key, None)
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = FACTORIES["muon-variants"](fresh)  # built with them on: the saved groups' settings win, as torch does
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["normuon"] is False and "normuon" not in opt2.param_groups[1]
+    for a, b in zip(run(opt2, fresh, grads[3:]), straight):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", FACTORIES)
@@ -479,8 +667,10 @@ def test_compiled_newton_schulz_matches_eager():
 
     G = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(0))
     for X in (G, G.mT):  # wide and tall (transposed inside)
-        torch.testing.assert_close(compiled_newtonschulz5()(X, 5, dtype=torch.float32),
-                                   zeropower_via_newtonschulz5(X, 5, dtype=torch.float32), rtol=1e-4, atol=1e-5)
+        for coefficients in ("jordan", "polar_express"):
+            torch.testing.assert_close(compiled_newtonschulz5()(X, 5, dtype=torch.float32, coefficients=coefficients),
+                                       zeropower_via_newtonschulz5(X, 5, dtype=torch.float32,
+                                                                   coefficients=coefficients), rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_impl_is_muon_only():

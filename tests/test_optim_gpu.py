@@ -50,15 +50,19 @@ def test_foreach_matches_for_on_cuda(cls, kw):
             torch.testing.assert_close(a, b)
 
 
-def test_muon_bf16_newton_schulz_on_cuda():
+# the variants whose numbers depend on the iteration's dtype (cautious decay's mask is elementwise: CPU tests)
+@pytest.mark.parametrize("variants", [{}, dict(ns_coefficients="polar_express", normuon=True)],
+                         ids=["plain", "polar_express+normuon"])
+def test_muon_bf16_newton_schulz_on_cuda(variants):
     shapes = [s for s in SHAPES if len(s) == 2]
     outs = {}
     for impl in ("for", "foreach", "compiled"):
         params = make_params(shapes)
-        opt = Muon(params, lr=0.02, weight_decay=0.1, impl=impl)  # ns_dtype None: bfloat16 on CUDA
+        opt = Muon(params, lr=0.02, weight_decay=0.1, impl=impl, **variants)  # ns_dtype None: bfloat16 on CUDA
         outs[impl] = run(opt, params, 10)
     params = make_params(shapes)
-    outs["fp32"] = run(Muon(params, lr=0.02, weight_decay=0.1, impl="for", ns_dtype=torch.float32), params, 10)
+    outs["fp32"] = run(Muon(params, lr=0.02, weight_decay=0.1, impl="for", ns_dtype=torch.float32, **variants),
+                       params, 10)
     init = [p.detach().cpu() for p in make_params(shapes)]
     for a, b, d, c, w in zip(outs["foreach"], outs["for"], outs["compiled"], outs["fp32"], init):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)  # bf16 batched vs one at a time

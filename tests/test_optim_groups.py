@@ -217,6 +217,23 @@ def test_build_translates_config():
             muon_groups[0]["nesterov"]) == (0.9, 4, 50, False)
     assert all(g["betas"] == (0.9, 0.95) for g in adam_groups)
     assert {g["role"]: g["lr"] for g in adam_groups} == {"embed": 0.3, "head": 0.02, "scalar": 0.02}
+    variants = ("ns_coefficients", "cautious_wd", "normuon", "normuon_beta2")
+    assert [muon_groups[0][k] for k in variants] == ["jordan", False, False, 0.95]  # off unless asked for
+    muon = build_optimizer(named, OptimConfig(name="muon", lr=0.02, ns_coefficients="polar_express", cautious_wd=True,
+                                              normuon=True, normuon_beta2=0.9), total_steps=100)
+    muon_groups = [g for g in muon.param_groups if g["use_muon"]]
+    assert [muon_groups[0][k] for k in variants] == ["polar_express", True, True, 0.9]
+    assert all(k not in g for g in muon.param_groups if not g["use_muon"] for k in variants)  # Muon's only
+    assert {k: muon.state_dict()["param_groups"][0][k] for k in variants} == {k: muon_groups[0][k] for k in variants}
+
+
+def test_ns_coefficient_names_are_the_config_choices():
+    from typing import get_args
+
+    from lmsprint.config.values import hints
+    from lmsprint.optim.muon import NS_COEFFICIENT_NAMES
+
+    assert get_args(hints(OptimConfig)["ns_coefficients"]) == NS_COEFFICIENT_NAMES == ("jordan", "polar_express")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -233,6 +250,9 @@ def test_build_translates_config():
     (dict(name="soap", precondition_frequency=0), "--optim.precondition_frequency must be >= 1, got 0"),
     (dict(name="muon", momentum=1.0), r"--optim.momentum must be in \[0, 1\), got 1.0"),
     (dict(name="muon", ns_steps=0), "--optim.ns_steps must be >= 1"),
+    (dict(name="muon", normuon_beta2=1.0), r"--optim.normuon_beta2 must be in \[0, 1\), got 1.0"),
+    (dict(name="muon", ns_coefficients="newton"), "--optim.ns_coefficients: 'newton' is not one of jordan, "
+     "polar_express"),
     (dict(name="ademamix", alpha=-1.0), "--optim.alpha must be a number >= 0"),
     (dict(weight_decay_mode="horizon", wd_horizon=0.0), "--optim.wd_horizon must be a positive number"),
     (dict(weight_decay_mode="horizon", wd_horizon=math.inf), "--optim.wd_horizon must be a finite number, got inf"),
@@ -284,6 +304,12 @@ def p2():
     (lambda: Muon(p2(), momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
     (lambda: Muon([nn.Parameter(torch.zeros(3))]), r"Muon optimises matrices only, got a parameter of shape \(3,\)"),
     (lambda: Muon(p2(), adjust_lr_fn="spectral"), "adjust_lr_fn must be 'original' or 'match_rms_adamw'"),
+    (lambda: Muon(p2(), ns_coefficients="newton"), "ns_coefficients must be one of jordan, polar_express, got "
+     "'newton'"),
+    (lambda: Muon(p2(), normuon=1), "normuon must be True or False, got 1"),
+    (lambda: Muon(p2(), normuon_beta2=-0.1), r"normuon_beta2 must be in \[0, 1\), got -0.1"),
+    (lambda: MuonWithAuxAdamW([{"params": p2(), "use_muon": True, "cautious_wd": "yes"}]),
+     "cautious_wd must be True or False, got 'yes'"),
     (lambda: MuonWithAuxAdamW([{"params": p2()}]), "needs use_muon=True or False"),
     (lambda: MuonWithAuxAdamW([{"params": [nn.Parameter(torch.zeros(3))], "use_muon": True}]), "matrices only"),
 ])

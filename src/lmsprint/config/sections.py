@@ -200,6 +200,17 @@ class OptimConfig:
     """muon: Newton-Schulz iterations."""
     momentum_warmup: int = 0
     """muon: steps over which momentum rises from 0.85 to its value (0 = off)."""
+    ns_coefficients: Literal["jordan", "polar_express"] = "jordan"
+    """muon: Newton-Schulz coefficients: jordan (the fixed quintic of the Muon reference) or polar_express (one per
+    iteration, Amsel et al. 2025, as modded-nanogpt)."""
+    cautious_wd: bool = False
+    """muon: cautious weight decay on the Muon matrices (Chen et al. 2025): decay only the coordinates where the update
+    and the weight have the same sign. The AdamW groups keep plain decay."""
+    normuon: bool = False
+    """muon: NorMuon (Li et al. 2025): normalise each row of the orthogonalised update by an EMA of its mean square,
+    keeping the update's norm."""
+    normuon_beta2: float = 0.95
+    """muon: decay rate of NorMuon's per-row second-moment EMA."""
     precondition_frequency: int = 10
     """soap: steps between eigenbasis refreshes."""
     max_precond_dim: int = 10000
@@ -238,6 +249,8 @@ class OptimConfig:
             require(self.ns_steps >= 1, f"--optim.ns_steps must be >= 1, got {self.ns_steps}")
             require(self.momentum_warmup >= 0, f"--optim.momentum_warmup must be >= 0 (0 = off), got "
                    f"{self.momentum_warmup}")
+            require(0.0 <= self.normuon_beta2 < 1.0, f"--optim.normuon_beta2 must be in [0, 1), got "
+                   f"{self.normuon_beta2}")
         if self.name == "soap":
             require(self.precondition_frequency >= 1, f"--optim.precondition_frequency must be >= 1, got "
                    f"{self.precondition_frequency}")

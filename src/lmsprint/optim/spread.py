@@ -116,6 +116,32 @@ def share_from_owners(computed: dict[int, list[Tensor]], shapes: Sequence[Sequen
     return out
 
 
+def gather_rows(parts: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Whole tensors from this rank's rows of them: ``parts[i]`` is this rank's rows of a tensor laid out as
+    ``like[i]``, an FSDP2 DTensor sharded on dim 0 (the whole ``(like[i].shape[0], *parts[i].shape[1:])`` tensor is
+    all-gathered), or a plain tensor (``parts[i]`` is already whole and is returned as it is). One all-gather for all
+    sharded tensors; every rank must call it with the same ``like``."""
+    sharded = [i for i, t in enumerate(like) if is_dtensor(t)]
+    out = list(parts)
+    if not sharded:
+        return out
+    world = world_size()
+    rows = {i: shard_rows(like[i].shape[0], world) for i in sharded}
+    inner = {i: math.prod(parts[i].shape[1:]) for i in sharded}
+    ref = parts[sharded[0]]
+    sizes = [sum(rows[i][w] * inner[i] for i in sharded) for w in range(world)]
+    pieces = _all_gather_v(_cat([parts[i] for i in sharded], ref.dtype, ref.device), sizes)
+    offsets = [0] * world
+    for i in sharded:
+        chunks = []
+        for w in range(world):
+            n = rows[i][w] * inner[i]
+            chunks.append(pieces[w][offsets[w] : offsets[w] + n])
+            offsets[w] += n
+        out[i] = torch.cat(chunks).view(like[i].shape[0], *parts[i].shape[1:])
+    return out
+
+
 def map_matrices(fn: Callable[[Tensor], Tensor], inputs: Sequence[Tensor], like: Sequence[Tensor], *,
                  dtype: torch.dtype) -> list[Tensor]:
     """Apply a whole-matrix function to many tensors, each matrix on one rank, with the results sent back.
