@@ -326,38 +326,40 @@ def do_ablation(s: Session) -> None:
 # Every lever run evaluates every 10 steps (LEVER_EVAL), so the crossing is interpolated over 10 steps, not 25.
 LEVER_EVAL = ["--train.eval_every=10"]
 MUON_DECAY = ["--optim.weight_decay=0.02", "--optim.embed_weight_decay=0", "--optim.head_weight_decay=0"]
-LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {
+LEVERS: dict[str, tuple[list[str], dict[str, object]]] = {  # most telling first: a call runs what fits
     "fast (same call)": ([], {}),
-    "fast + value embeddings (3)": (["--model.value_embeds=3"], {}),
-    "fast + U-net skips": (["--model.unet_skips=true"], {}),
-    "fast + smear": (["--model.smear=true"], {}),
-    "fast + cuDNN attention": (["--train.sdpa_backend=cudnn"], {}),
-    "fast + FP8 head": (["--train.fp8_head=true"], {}),
-    "fast + compiled Muon": (["--optim.impl=compiled"], {}),
-    "fast, 230 steps": (["--train.steps=230"], {}),
-    "fast, batch 32 x 460 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=460"], {}),
-    "fast, 8 layers": (["--model.n_layer=8"], {}),
     # smaller models: the 2-minute budget run's 5 x 192 (fast's architecture) crossed 4.588 after 17.7 s of
     # training at its peak lr (docs/benchmarks.md, issue 14); with a schedule of their own
     "fast, 5x192, 600 steps": (["--model.n_layer=5", "--model.n_embd=192", "--model.n_head=6", "--train.steps=600"],
                                {}),
-    "fast, 6x384, 450 steps": (["--model.n_layer=6", "--model.n_embd=384", "--model.n_head=6", "--train.steps=450"],
-                               {}),
     "fast, 8x512, 350 steps": (["--model.n_layer=8", "--model.n_embd=512", "--model.n_head=8", "--train.steps=350"],
                                {}),
-    "fast, 210 steps": (["--train.steps=210"], {}),
-    "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
-    "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
-    "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
-    # modded-nanogpt's table size, 5 x the vocabulary (fast's 32,768): 126 M more parameters at width 768
-    "fast + bigram embedding (5 x 32768)": (["--model.bigram_embed=163840"], {}),
+    "fast, 6x384, 450 steps": (["--model.n_layer=6", "--model.n_embd=384", "--model.n_head=6", "--train.steps=450"],
+                               {}),
+    # tokens/s
+    "fast + cuDNN attention": (["--train.sdpa_backend=cudnn"], {}),
+    "fast + FP8 head": (["--train.fp8_head=true"], {}),
     "fast + fused linear cross-entropy": (["--train.fused_ce=true"], {}),
+    "fast + compiled Muon": (["--optim.impl=compiled"], {}),
+    # fewer tokens
+    "fast + value embeddings (3)": (["--model.value_embeds=3"], {}),
+    "fast + U-net skips": (["--model.unet_skips=true"], {}),
+    "fast, 230 steps": (["--train.steps=230"], {}),
+    "fast, batch 32 x 460 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=460"], {}),
+    "fast + smear": (["--model.smear=true"], {}),
     "fast + Polar Express coefficients": (["--optim.ns_coefficients=polar_express"], {}),
     "fast + NorMuon": (["--optim.normuon=true"], {}),
+    # modded-nanogpt's table size, 5 x the vocabulary (fast's 32,768): 126 M more parameters at width 768
+    "fast + bigram embedding (5 x 32768)": (["--model.bigram_embed=163840"], {}),
     # cautious decay needs a decay (fast has none): on the Muon matrices only, at modded-nanogpt's per-step rate
     # (its lr 0.023 x wd 1.2 x lr 0.023 = 6e-4 ~ 0.03 x 0.02), with plain decay at that rate as its control
     "fast + Muon weight decay 0.02": (MUON_DECAY, {}),
     "fast + cautious weight decay 0.02": ([*MUON_DECAY, "--optim.cautious_wd=true"], {}),
+    "fast, 8 layers": (["--model.n_layer=8"], {}),
+    "fast, 210 steps": (["--train.steps=210"], {}),
+    "fast, cool-down 55%": (["--schedule.decay_fraction=0.55"], {}),
+    "fast, batch 32 x 400 steps": (["--train.batch_size=32", "--train.micro_batch_size=32", "--train.steps=400"], {}),
+    "fast + coordinate-descent tuning": ([], {"coordinate_descent_tuning": True}),
 }
 
 
