@@ -22,7 +22,7 @@ a later call on a warm machine skips it, and copied to OUT):
 
 Every warm-up has nanoGPT's shape, ``lr (it + 1) / (w + 1)``: ``--schedule.start_factor=1/(w+1)``. A task starts
 only if its estimated duration fits before ``--deadline`` seconds. ``--smoke`` runs everything on the CPU with a
-one-layer model on a tiny corpus, to check the script.
+six-layer, 32-wide model (deep enough for every lever) on a tiny corpus, to check the script.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ TOKENIZER = ROOT / ".data" / "tokenizer-bpe32k.json"
 PREP = ROOT / ".data" / "prep-ref"
 STATE = ROOT / ".data" / "trust.json"
 RUNS = Path("/tmp/trust-runs")
-SMOKE = ["--train.device=cpu", "--train.compile=false", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2",
+SMOKE = ["--train.device=cpu", "--train.compile=false", "--model.n_layer=6", "--model.n_embd=32", "--model.n_head=2",
          "--data.seq_len=64", "--train.batch_size=4", "--train.micro_batch_size=4", "--train.eval_tokens=512",
          "--train.precision=fp32"]
 SMOKE_STEPS = 20
