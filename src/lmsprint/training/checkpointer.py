@@ -95,13 +95,13 @@ class Checkpointer:
         has none yet (it starts over).
 
         Raises:
-            CheckpointError: every checkpoint fails its checksums, or it holds another optimizer's state.
+            CheckpointError: every checkpoint is corrupt or incomplete, or it holds another optimizer's state.
         """
         path = self.latest()
         if path is None and ckpt.list_checkpoints(self.root):
-            raise CheckpointError(f"no valid checkpoint in {self.root} to resume from (every one fails its "
-                                  f"checksum); delete {self.root} to train this run again from step 0, or "
-                                  "start a new run")
+            raise CheckpointError(f"no valid checkpoint in {self.root} to resume from (every one is corrupt or "
+                                  f"incomplete, as the warnings say); delete {self.root} to train this run again "
+                                  "from step 0, or start a new run")
         if path is not None:
             self.load(path, optimizer=optimizer)
         return path
