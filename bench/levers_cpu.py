@@ -39,24 +39,42 @@ LEVERS: dict[str, list[str]] = {
     "+ NorMuon": ["--optim.normuon=true"],
     "+ Muon weight decay 0.02": MUON_DECAY,
     "+ cautious weight decay 0.02": [*MUON_DECAY, "--optim.cautious_wd=true"],
-    "+ all five model/optimizer levers": ["--model.value_embeds=3", "--model.unet_skips=true", "--model.smear=true",
-                                          "--model.bigram_embed=20480", "--optim.ns_coefficients=polar_express",
-                                          "--optim.normuon=true"],
+    "+ the six above but weight decay, together": ["--model.value_embeds=3", "--model.unet_skips=true",
+                                                    "--model.smear=true", "--model.bigram_embed=20480",
+                                                    "--optim.ns_coefficients=polar_express", "--optim.normuon=true"],
 }
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Final validation loss per lever (mean ± sd over its seeds) and against `fast`'s mean."""
+    base = statistics.fmean(r["final_loss"] for r in results["fast"])
+    lines = ["| lever | seeds | final val loss (mean ± sd) | vs fast |", "|---|---:|---:|---:|"]
+    for name, runs in results.items():
+        finals = [r["final_loss"] for r in runs]
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        lines.append(f"| {name} | {len(finals)} | {statistics.fmean(finals):.4f} ± {sd:.4f} | "
+                     f"{statistics.fmean(finals) - base:+.4f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="a prepared directory (lmsprint prepare)")
+    ap.add_argument("--data", help="a prepared directory (lmsprint prepare)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--report", action="store_true", help="only the table of OUT/levers_cpu.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.report:
+        print(table(json.loads((out / "levers_cpu.json").read_text())["results"]))
+        return
+    if args.data is None:
+        ap.error("--data is needed to run (or --report)")
     import torch
 
     from lmsprint import bench as B
 
     torch.set_num_threads(2)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -69,15 +87,8 @@ def main() -> None:
             (out / "levers_cpu.json").write_text(json.dumps(
                 {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "overrides": CPU,
                  "results": results}, indent=1))
-    base = statistics.fmean(r["final_loss"] for r in results["fast"])
-    lines = ["| lever | seeds | final val loss (mean ± sd) | vs fast |", "|---|---:|---:|---:|"]
-    for name, runs in results.items():
-        finals = [r["final_loss"] for r in runs]
-        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        lines.append(f"| {name} | {len(finals)} | {statistics.fmean(finals):.4f} ± {sd:.4f} | "
-                     f"{statistics.fmean(finals) - base:+.4f} |")
-    (out / "levers_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "levers_cpu.md").write_text(table(results) + "\n")
+    print(table(results))
 
 
 if __name__ == "__main__":
