@@ -18,3 +18,9 @@ class DataError(LmsprintError):
 
 class CheckpointError(LmsprintError):
     """A run directory or checkpoint is missing, corrupt or does not match the run."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): a refusal quoted in one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmsprint.errors import first_line
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 AMAX_FLOOR = 1e-12
@@ -134,7 +136,7 @@ def fp8_supported(device: torch.device) -> str | None:
     try:
         fp8_linear(x, w).float().square().sum().backward()
     except RuntimeError as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first_line(e)
     if x.grad is None or w.grad is None or not (x.grad.isfinite().all() and w.grad.isfinite().all()):
         return "the FP8 probe's gradients are not finite"
     return None

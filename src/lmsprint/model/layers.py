@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmsprint.errors import first_line
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -197,7 +199,7 @@ def sdpa_backend_runs(backend: str, *, device: torch.device, dtype: torch.dtype,
     try:
         sdpa(q, q, q, backend=backend, is_causal=True).sum().backward()
     except RuntimeError as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first_line(e)
     return None
 
 
